@@ -1,0 +1,44 @@
+"""Per-call backend choice: Triton kernels on CUDA, the pure-torch reference elsewhere."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("reference", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, op_name: str) -> str:
+    """Return "triton" or "reference" for a call on ``device``; raise with a fix for a bad request."""
+    if backend is None:
+        return "triton" if device.type == "cuda" and triton_importable() else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected None, 'reference' or 'triton', got {backend!r}")
+    if backend == "reference":
+        return backend
+    if not triton_importable():
+        raise RuntimeError(f"{op_name}: backend='triton' needs the triton package, which failed to import")
+    if device.type != "cuda" and not triton_interpreting():
+        raise RuntimeError(
+            f"{op_name}: backend='triton' on a {device.type} tensor needs Triton's interpreter: set the "
+            "environment variable TRITON_INTERPRET=1 before importing llavit_kernels (or use a CUDA tensor, "
+            "or backend='reference')"
+        )
+    return backend

@@ -1,0 +1,189 @@
+"""modality_linear and modality_qkv: projections that pick text or image weights per token.
+
+``y[t] = x[t] @ W_m(t)^T + b_m(t)`` with ``m(t)`` the token's modality (text or image). The
+references here are pure torch, run on any device, and are the ground truth for the Triton kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_tensor
+from ..layout import SpanLayout
+from ._backend import resolve_backend
+
+__all__ = [
+    "modality_linear",
+    "modality_linear_reference",
+    "modality_qkv",
+    "modality_qkv_reference",
+    "apply_rotary",
+]
+
+LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _image_mask(layout: Union[SpanLayout, torch.Tensor]) -> torch.Tensor:
+    if isinstance(layout, SpanLayout):
+        return layout.is_image
+    if isinstance(layout, torch.Tensor) and layout.dtype == torch.bool:
+        return layout
+    got = f"a {layout.dtype} tensor" if isinstance(layout, torch.Tensor) else type(layout).__name__
+    raise TypeError(f"layout: expected a SpanLayout or a bool is_image tensor, got {got}")
+
+
+def _validate_linear(x, is_image, weight_text, bias_text, weight_image, bias_image):
+    check_tensor("x", x, dtypes=LINEAR_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected a tensor of shape [..., in_features], got shape {tuple(x.shape)}")
+    if is_image.device != x.device:
+        raise ValueError(f"layout: expected its tensors on {x.device} (the device of x), got {is_image.device}")
+    if tuple(is_image.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"x: expected leading dims {tuple(is_image.shape)} (the layout's tokens), got shape {tuple(x.shape)}"
+        )
+    in_features = x.shape[-1]
+    check_tensor("weight_text", weight_text, dtypes=(x.dtype,), ndims=(2,), device=x.device)
+    check_tensor("weight_image", weight_image, dtypes=(x.dtype,), ndims=(2,), device=x.device)
+    if weight_text.shape[1] != in_features:
+        raise ValueError(
+            f"weight_text: expected shape [out_features, {in_features}] (nn.Linear convention), got {tuple(weight_text.shape)}"
+        )
+    if weight_image.shape != weight_text.shape:
+        raise ValueError(
+            f"weight_image: expected the shape of weight_text {tuple(weight_text.shape)}, got {tuple(weight_image.shape)}"
+        )
+    out_features = weight_text.shape[0]
+    for name, b in (("bias_text", bias_text), ("bias_image", bias_image)):
+        if b is not None:
+            check_tensor(name, b, dtypes=(x.dtype,), ndims=(1,), device=x.device)
+            if b.shape[0] != out_features:
+                raise ValueError(f"{name}: expected shape [{out_features}], got {tuple(b.shape)}")
+
+
+def modality_linear_reference(x, is_image, weight_text, bias_text, weight_image, bias_image):
+    """Both projections then a per-token select (twice the FLOPs; the ground truth)."""
+    y_text = F.linear(x, weight_text, bias_text)
+    y_image = F.linear(x, weight_image, bias_image)
+    return torch.where(is_image[..., None], y_image, y_text)
+
+
+def modality_linear(
+    x: torch.Tensor,
+    layout: Union[SpanLayout, torch.Tensor],
+    weight_text: torch.Tensor,
+    bias_text: Optional[torch.Tensor],
+    weight_image: torch.Tensor,
+    bias_image: Optional[torch.Tensor],
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Linear layer whose weight and bias are chosen per token by modality.
+
+    Args:
+        x: ``[..., in_features]`` whose leading dims equal the layout's token shape.
+        layout: a :class:`SpanLayout` or a bool ``is_image`` tensor of x's leading shape.
+        weight_text, weight_image: ``[out_features, in_features]`` (``nn.Linear`` convention).
+        bias_text, bias_image: ``[out_features]`` or None.
+        backend: ``None`` (Triton on CUDA, reference elsewhere), ``"reference"`` or ``"triton"``.
+    """
+    is_image = _image_mask(layout)
+    _validate_linear(x, is_image, weight_text, bias_text, weight_image, bias_image)
+    if resolve_backend(backend, x.device, "modality_linear") == "reference":
+        return modality_linear_reference(x, is_image, weight_text, bias_text, weight_image, bias_image)
+    from ._modality_linear_triton import modality_linear_triton
+
+    return modality_linear_triton(x, is_image, weight_text, bias_text, weight_image, bias_image)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face rotate-half RoPE on ``x [..., T, H, D]`` with ``cos, sin`` of shape ``[..., T, D]``."""
+    cos = cos.unsqueeze(-2).to(x.dtype)
+    sin = sin.unsqueeze(-2).to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _validate_qkv(x, is_image, weight_text, weight_image, num_heads, num_kv_heads, cos, sin):
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
+    out_features = weight_text.shape[0]
+    heads_total = num_heads + 2 * num_kv_heads
+    if out_features % heads_total != 0:
+        raise ValueError(
+            f"weight_text: expected out_features divisible by num_heads + 2 * num_kv_heads = {heads_total} "
+            f"(rows q | k | v), got {out_features}"
+        )
+    head_dim = out_features // heads_total
+    if (cos is None) != (sin is None):
+        raise ValueError("cos, sin: expected both or neither, got only one")
+    if cos is not None:
+        lead = tuple(x.shape[:-1])
+        for name, t in (("cos", cos), ("sin", sin)):
+            check_tensor(name, t, dtypes=LINEAR_DTYPES, device=x.device)
+            if t.shape[-1] != head_dim or tuple(t.shape[:-1]) not in (lead, lead[-1:]):
+                raise ValueError(
+                    f"{name}: expected shape {lead + (head_dim,)} or {lead[-1:] + (head_dim,)}, got {tuple(t.shape)}"
+                )
+    return head_dim
+
+
+def modality_qkv_reference(x, is_image, weight_text, bias_text, weight_image, bias_image,
+                           num_heads, num_kv_heads, cos=None, sin=None):
+    lead = x.shape[:-1]
+    y = modality_linear_reference(x, is_image, weight_text, bias_text, weight_image, bias_image)
+    head_dim = weight_text.shape[0] // (num_heads + 2 * num_kv_heads)
+    q, k, v = y.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = q.reshape(*lead, num_heads, head_dim)
+    k = k.reshape(*lead, num_kv_heads, head_dim)
+    v = v.reshape(*lead, num_kv_heads, head_dim)
+    if cos is not None:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def modality_qkv(
+    x: torch.Tensor,
+    layout: Union[SpanLayout, torch.Tensor],
+    weight_text: torch.Tensor,
+    bias_text: Optional[torch.Tensor],
+    weight_image: torch.Tensor,
+    bias_image: Optional[torch.Tensor],
+    num_heads: int,
+    num_kv_heads: int,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused modality-routed QKV projection, returned in the attention layout.
+
+    Args:
+        x: hidden states ``[..., T, hidden]`` (``[B, T, hidden]`` or packed ``[N, hidden]``).
+        weight_text, weight_image: fused ``[(H + 2 * Hkv) * D, hidden]`` weights, rows ordered
+            q | k | v (``torch.cat([q_proj.weight, k_proj.weight, v_proj.weight])``).
+        bias_text, bias_image: ``[(H + 2 * Hkv) * D]`` or None.
+        cos, sin: optional rotary tables ``[..., T, D]`` or ``[T, D]`` (Hugging Face rotate-half
+            convention), applied to q and k.
+
+    Returns:
+        ``q [..., T, H, D]``, ``k [..., T, Hkv, D]``, ``v [..., T, Hkv, D]``, contiguous.
+    """
+    is_image = _image_mask(layout)
+    _validate_linear(x, is_image, weight_text, bias_text, weight_image, bias_image)
+    _validate_qkv(x, is_image, weight_text, weight_image, num_heads, num_kv_heads, cos, sin)
+    if resolve_backend(backend, x.device, "modality_qkv") == "reference":
+        return modality_qkv_reference(x, is_image, weight_text, bias_text, weight_image, bias_image,
+                                      num_heads, num_kv_heads, cos, sin)
+    from ._modality_linear_triton import modality_qkv_triton
+
+    return modality_qkv_triton(x, is_image, weight_text, bias_text, weight_image, bias_image,
+                               num_heads, num_kv_heads, cos, sin)

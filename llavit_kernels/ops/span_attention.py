@@ -1,0 +1,98 @@
+"""span_attention: attention that is bidirectional inside each image span and causal elsewhere.
+
+The mask comes from a :class:`~llavit_kernels.layout.SpanLayout` (one key interval per query). The
+reference here is pure torch, runs on any device and is the ground truth the Triton kernels are
+tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .._checks import check_tensor
+from ..layout import SpanLayout
+from ._backend import resolve_backend
+
+__all__ = ["span_attention", "span_attention_reference"]
+
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _validate(q, k, v, layout, softmax_scale):
+    if not isinstance(layout, SpanLayout):
+        raise TypeError(f"layout: expected a SpanLayout, got {type(layout).__name__}")
+    packed = layout.packed
+    ndim = 3 if packed else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, dtypes=ATTENTION_DTYPES, ndims=(ndim,), device=layout.device)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype} and v {v.dtype}")
+    if tuple(q.shape[:-2]) != layout.token_shape:
+        what = "(N,) of the packed layout" if packed else "(B, Tq) of the layout"
+        raise ValueError(f"q: expected leading dims {layout.token_shape} {what}, got shape {tuple(q.shape)}")
+    key_shape = (layout.num_keys,) if packed else (layout.batch_size, layout.num_keys)
+    if tuple(k.shape[:-2]) != key_shape:
+        raise ValueError(f"k: expected leading dims {key_shape} (the layout's keys), got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    heads, dim = q.shape[-2], q.shape[-1]
+    kv_heads = k.shape[-2]
+    if k.shape[-1] != dim:
+        raise ValueError(f"k: expected head dim {dim} (that of q), got {k.shape[-1]}")
+    if kv_heads < 1 or heads % kv_heads != 0:
+        raise ValueError(f"k: expected a number of KV heads that divides the {heads} query heads, got {kv_heads}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale: expected a positive float or None, got {softmax_scale!r}")
+
+
+def span_attention_reference(q, k, v, layout: SpanLayout, softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """Dense-mask attention in pure torch (fp32 math for half inputs). O(T^2) memory."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    mask = layout.dense_mask()
+    if layout.packed:  # treat packed [N, H, D] as one batch row; the mask keeps documents apart
+        q, k, v, mask = q[None], k[None], v[None], mask[None]
+    compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    groups = q.shape[-2] // k.shape[-2]
+    qh = q.transpose(1, 2).to(compute_dtype)  # [B, H, Tq, D]
+    kh = k.transpose(1, 2).to(compute_dtype).repeat_interleave(groups, dim=1)
+    vh = v.transpose(1, 2).to(compute_dtype).repeat_interleave(groups, dim=1)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    mask = mask[:, None]  # [B, 1, Tq, Tk]
+    has_key = mask.any(dim=-1, keepdim=True)
+    # Rows without any key (padding) get finite scores so softmax and its gradient stay NaN-free.
+    scores = torch.where(mask, scores, torch.where(has_key, float("-inf"), 0.0))
+    probs = torch.softmax(scores, dim=-1) * has_key
+    out = torch.matmul(probs, vh).transpose(1, 2).to(q.dtype)
+    return out[0] if layout.packed else out
+
+
+def span_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: SpanLayout,
+    softmax_scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Attention under the LLaViT mask of ``layout``.
+
+    Args:
+        q: ``[B, Tq, H, D]`` (padded layout) or ``[N, H, D]`` (packed layout).
+        k, v: ``[B, Tk, Hkv, D]`` or ``[N, Hkv, D]``; ``Hkv`` divides ``H`` (GQA / MQA); query head
+            ``h`` reads KV head ``h // (H // Hkv)``.
+        layout: the :class:`SpanLayout` of the batch (``Tk`` is ``layout.num_keys``).
+        softmax_scale: defaults to ``1 / sqrt(D)``.
+        backend: ``None`` (Triton on CUDA, reference elsewhere), ``"reference"`` or ``"triton"``.
+
+    Returns:
+        a tensor of q's shape and dtype; query rows with no key (padding) are 0.
+    """
+    _validate(q, k, v, layout, softmax_scale)
+    if resolve_backend(backend, q.device, "span_attention") == "reference":
+        return span_attention_reference(q, k, v, layout, softmax_scale)
+    from ._span_attention_triton import span_attention_triton
+
+    return span_attention_triton(q, k, v, layout, softmax_scale)
