@@ -1,0 +1,251 @@
+"""Static GPU tier: compile a Triton kernel for Hopper (sm_90) on a machine without a GPU.
+
+``compile_sm90`` compiles one kernel configuration with ``triton.compile`` for
+``GPUTarget("cuda", 90, 32)`` and reads the cubin's resource usage with the ``cuobjdump`` shipped
+inside the triton wheel (``triton/backends/nvidia/bin``). It reports registers per thread,
+local-memory bytes (spills / stack) and shared memory, so tests can reject configs that spill or
+overflow the H100's 227 KB of shared memory per block before any GPU time is spent.
+
+Under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` on CPU-only machines) ``@triton.jit``
+returns interpreter objects that cannot be compiled, and the helpers they call are interpreter
+objects too. So when interpreting, the compile runs in a subprocess with ``TRITON_INTERPRET=0``
+that re-imports the kernel by module and attribute name (the kernel must be a module-level
+attribute; ``@triton.autotune``/``@triton.heuristics`` wrappers are unwrapped).
+
+API (other test modules rely on it; keep it stable)::
+
+    compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict
+
+``signature`` maps every argument name of the kernel to a Triton type string (``"*fp16"``,
+``"*bf16"``, ``"*fp32"``, ``"*i32"``, ``"i32"``, ``"i64"``, ``"fp32"``, ...); constexpr arguments may
+be given as ``"constexpr"`` in ``signature`` or left out (they are added). ``constexprs`` maps
+constexpr argument names to values (ints, bools, floats, strings). The result dict has:
+
+    name            kernel name in the cubin
+    registers       registers per thread (REG)
+    local_bytes     local memory per thread (LOCAL: spills and stack arrays; 0 is what we want)
+    stack_bytes     STACK from cuobjdump
+    shared_bytes    static shared memory from cuobjdump (SHARED) -- usually 0 for Triton
+    triton_shared   dynamic shared memory Triton requests at launch (metadata.shared)
+    shared_total    max(shared_bytes + triton_shared) -- compare against H100_SHARED_LIMIT
+    spilled         bool, local_bytes > 0
+    num_warps, num_stages
+    hgmma           bool, the SASS contains HGMMA (Hopper warpgroup MMA) instructions
+    ptxas_info      the text of cuobjdump's resource-usage report
+
+``compile_sm90_many(jobs)`` compiles a list of ``dict(kernel=..., signature=..., constexprs=...,
+num_warps=..., num_stages=...)`` in one subprocess (one import of torch/triton instead of many).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, List
+
+H100_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (opt-in maximum)
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- kernel handling
+def _unwrap(kernel):
+    """Strip @triton.autotune / @triton.heuristics wrappers (they keep the inner kernel in .fn)."""
+    seen = 0
+    while True:
+        cls_name = type(kernel).__name__
+        if cls_name in ("Autotuner", "Heuristics") and hasattr(kernel, "fn"):
+            kernel = kernel.fn
+            seen += 1
+            if seen > 8:
+                raise TypeError("compile_sm90: too many nested autotune/heuristics wrappers")
+            continue
+        return kernel
+
+
+def _kernel_address(kernel):
+    """(module, attribute) under which a kernel can be re-imported in a subprocess."""
+    inner = _unwrap(kernel)
+    fn = getattr(inner, "fn", inner)
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__name__", None)
+    if not module or not name:
+        raise TypeError(f"compile_sm90: cannot locate kernel {kernel!r} (no __module__/__name__)")
+    mod = sys.modules.get(module)
+    if mod is not None and getattr(mod, name, None) is None:
+        raise TypeError(
+            f"compile_sm90: kernel {name!r} is not a module-level attribute of {module!r}; it cannot be "
+            "re-imported for compilation in a subprocess"
+        )
+    return module, name
+
+
+def _is_interpreted(kernel) -> bool:
+    return type(_unwrap(kernel)).__name__ == "InterpretedFunction"
+
+
+def _jsonable(value):
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    raise TypeError(f"compile_sm90: constexpr values must be bool/int/float/str/None, got {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------- in-process compile
+def _cuobjdump_path() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"compile_sm90: cuobjdump not found in the triton wheel at {path}")
+    return path
+
+
+_RES_RE = re.compile(r"(REG|STACK|SHARED|LOCAL):(\d+)")
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([_cuobjdump_path(), "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+        sass = subprocess.run([_cuobjdump_path(), "--dump-sass", path], capture_output=True, text=True, check=False)
+    usage = {"REG": 0, "STACK": 0, "SHARED": 0, "LOCAL": 0}
+    name = ""
+    for line in res.stdout.splitlines():
+        m = re.search(r"Function ([^\s:]+)", line)
+        if m:
+            name = m.group(1)
+        found = dict(_RES_RE.findall(line))
+        for key, val in found.items():
+            usage[key] = max(usage[key], int(val))
+    return {
+        "name": name,
+        "usage": usage,
+        "hgmma": "HGMMA" in sass.stdout,
+        "resource_text": res.stdout,
+    }
+
+
+def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages) -> Dict[str, Any]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit_fn = _unwrap(kernel)
+    if type(jit_fn).__name__ == "InterpretedFunction":
+        raise RuntimeError("compile_sm90: got an interpreter kernel in-process; TRITON_INTERPRET must be 0 here")
+    constexprs = dict(constexprs or {})
+    signature = dict(signature)
+    for name in constexprs:
+        signature.setdefault(name, "constexpr")
+    missing = [a for a in jit_fn.arg_names if a not in signature]
+    if missing:
+        raise ValueError(f"compile_sm90: signature lacks arguments {missing} of kernel {jit_fn.__name__}")
+    signature = {a: signature[a] for a in jit_fn.arg_names}
+    src = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages, "num_ctas": 1},
+    )
+    cubin = compiled.asm["cubin"]
+    info = _resource_usage(cubin)
+    triton_shared = int(getattr(compiled.metadata, "shared", 0) or 0)
+    usage = info["usage"]
+    local = usage["LOCAL"]
+    return {
+        "name": info["name"] or jit_fn.__name__,
+        "registers": usage["REG"],
+        "local_bytes": local,
+        "stack_bytes": usage["STACK"],
+        "shared_bytes": usage["SHARED"],
+        "triton_shared": triton_shared,
+        "shared_total": usage["SHARED"] + triton_shared,
+        "spilled": local > 0,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+        "hgmma": info["hgmma"],
+        "ptxas_info": info["resource_text"],
+    }
+
+
+# ----------------------------------------------------------------------------- subprocess path
+def _run_subprocess(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    payload = []
+    for job in jobs:
+        module, name = _kernel_address(job["kernel"])
+        payload.append(
+            {
+                "module": module,
+                "name": name,
+                "signature": dict(job["signature"]),
+                "constexprs": {k: _jsonable(v) for k, v in dict(job.get("constexprs") or {}).items()},
+                "num_warps": int(job["num_warps"]),
+                "num_stages": int(job["num_stages"]),
+            }
+        )
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=_REPO_ROOT,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile_sm90 subprocess failed (rc={proc.returncode}):\n{proc.stderr[-8000:]}")
+    marker = "@@SM90_RESULTS@@"
+    text = proc.stdout[proc.stdout.rindex(marker) + len(marker):]
+    results = json.loads(text)
+    for r in results:
+        if "error" in r:
+            raise RuntimeError(f"compile_sm90: compiling {r['kernel']} failed:\n{r['error']}")
+    return results
+
+
+def _subprocess_main():
+    import traceback
+
+    jobs = json.loads(sys.stdin.read())
+    results = []
+    for job in jobs:
+        try:
+            mod = importlib.import_module(job["module"])
+            kernel = getattr(mod, job["name"])
+            results.append(
+                _compile_inprocess(kernel, job["signature"], job["constexprs"], job["num_warps"], job["num_stages"])
+            )
+        except Exception:  # report per job; the parent raises with the traceback
+            results.append({"kernel": f"{job['module']}.{job['name']}", "error": traceback.format_exc()})
+    sys.stdout.write("@@SM90_RESULTS@@" + json.dumps(results))
+
+
+# ----------------------------------------------------------------------------- public API
+def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile one config of ``kernel`` for sm_90 and return its resource usage (see module doc)."""
+    return compile_sm90_many(
+        [dict(kernel=kernel, signature=signature, constexprs=constexprs, num_warps=num_warps, num_stages=num_stages)]
+    )[0]
+
+
+def compile_sm90_many(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Compile many configs; one subprocess for all of them when the interpreter is on."""
+    if any(_is_interpreted(j["kernel"]) for j in jobs) or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return _run_subprocess(jobs)
+    return [
+        _compile_inprocess(j["kernel"], j["signature"], j.get("constexprs") or {}, j["num_warps"], j["num_stages"])
+        for j in jobs
+    ]
+
+
+if __name__ == "__main__":
+    _subprocess_main()
