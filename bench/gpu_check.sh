@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU tier in one command: CUDA correctness tests, then the benchmarks, on one H100/H200.
+#   OUT=/some/dir bash bench/gpu_check.sh
+# Works on a bare GPU machine (torch 2.11, triton 3.6, numpy 2.5, transformers 5.17, no network):
+# nothing is installed; the package is used from this checkout through PYTHONPATH. Budget: < 5 min.
+# Writes to $OUT: gpu_check.log, env.json, the benchmark JSON files, and results.tgz (JSON + PNG).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu-$(date -u +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT/work"
+LOG="$OUT/gpu_check.log"
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+export LLAVIT_BENCH_SMOKE=0
+unset TRITON_INTERPRET
+exec > >(tee -a "$LOG") 2>&1
+
+echo "== environment $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python - <<'PY' | tee "$OUT/env.json"
+import json, torch, platform
+info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+for mod in ("triton", "numpy", "transformers", "pytest", "hypothesis", "flash_attn"):
+    try:
+        info[mod] = __import__(mod).__version__
+    except Exception as exc:
+        info[mod] = None
+print(json.dumps(info, indent=1))
+PY
+
+status=0
+run() {  # run <seconds> <label> <command...>: a stage that fails or times out never stops the others
+  local limit=$1 label=$2; shift 2
+  echo "== $label (limit ${limit}s)"
+  local start=$SECONDS
+  timeout "$limit" "$@"; local rc=$?
+  echo "== $label: rc=$rc in $((SECONDS - start))s"
+  [ $rc -eq 0 ] || status=1
+}
+
+if python -c "import pytest, hypothesis" 2>/dev/null; then
+  run 150 "CUDA correctness tests" python -m pytest -x -q -p no:cacheprovider \
+    --junitxml="$OUT/work/junit.xml" \
+    tests/test_span_attention_triton.py tests/test_modality_linear_triton.py tests/test_reference_ops.py \
+    tests/test_nn.py
+else
+  echo "== pytest/hypothesis missing on this machine: CUDA tests skipped"; status=1
+fi
+for bench in bench_attention bench_modality_linear bench_layer; do
+  [ -f "bench/$bench.py" ] && run 100 "$bench" python "bench/$bench.py" --out "$OUT/work"
+done
+cp "$OUT"/work/*.json "$OUT"/ 2>/dev/null || true
+tar czf "$OUT/results.tgz" -C "$OUT/work" . 2>/dev/null || true
+echo "== done, status=$status"
+exit $status
