@@ -2,7 +2,9 @@
 
 from .layout import SpanLayout
 from .ops import apply_rotary, modality_linear, modality_qkv, span_attention
+from .nn import LlavitAttention, LlavitKVCache, ModalityLinear
 
 __version__ = "0.1.0"
 
-__all__ = ["SpanLayout", "span_attention", "modality_linear", "modality_qkv", "apply_rotary", "__version__"]
+__all__ = ["SpanLayout", "span_attention", "modality_linear", "modality_qkv", "apply_rotary", "__version__",
+           "ModalityLinear", "LlavitAttention", "LlavitKVCache"]
