@@ -1,0 +1,248 @@
+"""Triton span attention: custom ops (``llavit::span_attention_fwd`` / ``_bwd``) and autograd.
+
+The ops are registered with ``torch.library.custom_op`` and ``register_fake`` and tied together with
+``register_autograd``, so ``torch.compile(fullgraph=True)`` traces through forward and backward and
+CUDA-graph capture works: grid sizes come from shapes only; the launch path never reads tensor
+values (no ``.item()``, ``.tolist()``, ``nonzero()``). Kernels live in ``_span_attention_kernels``.
+
+Autotuning happens on the first call for a (head dim, sequence bucket, GQA groups, dtype) key; warm
+up once before capturing a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from ..layout import SpanLayout
+from . import _span_attention_kernels as K
+
+__all__ = [
+    "span_attention_triton",
+    "span_attention_triton_with_lse",
+    "span_attention_fwd",
+    "span_attention_bwd",
+    "SUPPORTED_HEAD_DIMS",
+    "SUPPORTED_DTYPES",
+    "check_triton_inputs",
+]
+
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_triton_inputs(q: torch.Tensor, k: torch.Tensor) -> None:
+    """Checks specific to the Triton kernels (the reference accepts any head dim and dtype)."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"q: backend='triton' supports dtypes float16, bfloat16 and float32, got {str(q.dtype).replace('torch.', '')}"
+            " (use backend='reference' for other dtypes)"
+        )
+    head_dim = q.shape[-1]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"q: backend='triton' supports head dims {SUPPORTED_HEAD_DIMS}, got {head_dim} "
+            "(use backend='reference' for other head dims)"
+        )
+
+
+# ----------------------------------------------------------------------------- launch helpers
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    """Packed [N, H, D] is batch 1 of [B, T, H, D]: the intervals keep documents apart."""
+    return t.unsqueeze(0) if t.dim() == 3 else t
+
+
+def _as2d(t: torch.Tensor) -> torch.Tensor:
+    return (t.unsqueeze(0) if t.dim() == 1 else t).contiguous()
+
+
+def _lse_shape(q: torch.Tensor):
+    """[B, H, Tq] for padded q [B, Tq, H, D]; [H, N] for packed q [N, H, D]."""
+    if q.dim() == 3:
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _lse_as3d(lse: torch.Tensor) -> torch.Tensor:
+    return lse.unsqueeze(0) if lse.dim() == 2 else lse
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor):
+    head_dim = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    groups = q.shape[-2] // k.shape[-2]
+    seq = max(q.shape[-3], k.shape[-3])
+    seq_bucket = max(128, triton.next_power_of_2(seq))
+    upcast = K.INTERPRETING and q.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests want true fp32 dots
+    return dict(GROUPS=groups, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=precision), seq_bucket
+
+
+def _forward_impl(q, k, v, kv_start, kv_end, softmax_scale):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device)
+    q4, k4, v4, o4 = (_last_dim_contiguous(_as4d(t)) for t in (q, k, v, out))
+    kv_start2, kv_end2 = _as2d(kv_start), _as2d(kv_end)
+    lse3 = _lse_as3d(lse)
+    batch, tq, heads, _ = q4.shape
+    tk = k4.shape[1]
+    if q4.numel() == 0:
+        return out, lse
+    meta, seq_bucket = _meta(q, k)
+    grid = lambda m: (triton.cdiv(tq, m["BLOCK_M"]), batch * heads)  # noqa: E731
+    K.span_fwd_kernel[grid](
+        q4, k4, v4, o4, lse3, kv_start2, kv_end2,
+        q4.stride(0), q4.stride(1), q4.stride(2),
+        k4.stride(0), k4.stride(1), k4.stride(2),
+        v4.stride(0), v4.stride(1), v4.stride(2),
+        o4.stride(0), o4.stride(1), o4.stride(2),
+        kv_start2.stride(0), lse3.stride(0), lse3.stride(1),
+        heads, tq, tk, float(softmax_scale), seq_bucket,
+        **meta,
+    )
+    return out, lse
+
+
+def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, softmax_scale):
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    q4, k4, v4, o4, do4, dq4, dk4, dv4 = (
+        _last_dim_contiguous(_as4d(t)) for t in (q, k, v, out, grad_out, dq, dk, dv)
+    )
+    kv_start2, kv_end2, q_start2, q_end2 = (_as2d(t) for t in (kv_start, kv_end, q_start, q_end))
+    lse3 = _lse_as3d(lse).contiguous()
+    batch, tq, heads, _ = q4.shape
+    tk, kv_heads = k4.shape[1], k4.shape[2]
+    meta, seq_bucket = _meta(q, k)
+
+    delta = torch.empty_like(lse3)
+    dlse3 = _lse_as3d(grad_lse).contiguous() if grad_lse is not None else delta  # dummy pointer when absent
+    K.span_bwd_pre_kernel[(triton.cdiv(tq, K.PRE_BLOCK_M), batch * heads)](
+        o4, do4, dlse3, delta,
+        o4.stride(0), o4.stride(1), o4.stride(2),
+        do4.stride(0), do4.stride(1), do4.stride(2),
+        lse3.stride(0), lse3.stride(1),
+        heads, tq,
+        HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], HAS_DLSE=grad_lse is not None, BLOCK_M=K.PRE_BLOCK_M,
+    )
+    grid_q = lambda m: (triton.cdiv(tq, m["BLOCK_M"]), batch * heads)  # noqa: E731
+    K.span_bwd_dq_kernel[grid_q](
+        q4, k4, v4, do4, lse3, delta, dq4, kv_start2, kv_end2,
+        q4.stride(0), q4.stride(1), q4.stride(2),
+        k4.stride(0), k4.stride(1), k4.stride(2),
+        v4.stride(0), v4.stride(1), v4.stride(2),
+        do4.stride(0), do4.stride(1), do4.stride(2),
+        dq4.stride(0), dq4.stride(1), dq4.stride(2),
+        kv_start2.stride(0), lse3.stride(0), lse3.stride(1),
+        heads, tq, tk, float(softmax_scale), seq_bucket,
+        **meta,
+    )
+    grid_k = lambda m: (triton.cdiv(tk, m["BLOCK_N"]), batch * kv_heads)  # noqa: E731
+    K.span_bwd_dkdv_kernel[grid_k](
+        q4, k4, v4, do4, lse3, delta, dk4, dv4, kv_start2, kv_end2, q_start2, q_end2,
+        q4.stride(0), q4.stride(1), q4.stride(2),
+        k4.stride(0), k4.stride(1), k4.stride(2),
+        v4.stride(0), v4.stride(1), v4.stride(2),
+        do4.stride(0), do4.stride(1), do4.stride(2),
+        dk4.stride(0), dk4.stride(1), dk4.stride(2),
+        dv4.stride(0), dv4.stride(1), dv4.stride(2),
+        kv_start2.stride(0), q_start2.stride(0), lse3.stride(0), lse3.stride(1),
+        kv_heads, tq, tk, float(softmax_scale), seq_bucket,
+        **meta,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("llavit::span_attention_fwd", mutates_args=())
+def span_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    q_start: torch.Tensor,
+    q_end: torch.Tensor,
+    softmax_scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse). ``q_start``/``q_end`` are unused here but saved for the backward.
+
+    lse is fp32 in natural-log units, ``[B, H, Tq]`` (padded) or ``[H, N]`` (packed), ``+inf`` on
+    query rows without keys (whose output is 0).
+    """
+    return _forward_impl(q, k, v, kv_start, kv_end, softmax_scale)
+
+
+@span_attention_fwd.register_fake
+def _span_attention_fwd_fake(q, k, v, kv_start, kv_end, q_start, q_end, softmax_scale):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q), dtype=torch.float32)
+
+
+@torch.library.custom_op("llavit::span_attention_bwd", mutates_args=())
+def span_attention_bwd(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    q_start: torch.Tensor,
+    q_end: torch.Tensor,
+    softmax_scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv); deterministic (no atomics). ``grad_lse`` may be None."""
+    return _backward_impl(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, softmax_scale)
+
+
+@span_attention_bwd.register_fake
+def _span_attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_start, kv_end, q_start, q_end, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end, q_start, q_end)
+    ctx.softmax_scale = softmax_scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kv_start, kv_end, q_start, q_end = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = span_attention_bwd(
+        grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, ctx.softmax_scale
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+span_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public (private-module) API
+def span_attention_triton_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SpanLayout, softmax_scale: Optional[float] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Output and log-sum-exp (see ``span_attention_fwd``); inputs validated by ``span_attention``."""
+    check_triton_inputs(q, k)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return span_attention_fwd(q, k, v, layout.kv_start, layout.kv_end, layout.q_start, layout.q_end, scale)
+
+
+def span_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SpanLayout, softmax_scale: Optional[float] = None
+) -> torch.Tensor:
+    return span_attention_triton_with_lse(q, k, v, layout, softmax_scale)[0]
