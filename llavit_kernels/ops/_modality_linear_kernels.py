@@ -1,0 +1,346 @@
+"""Triton kernels of the modality-routed projection (see docs/modality_linear.md).
+
+Three kernels, all driven by one device-built tile table (``build_tile_table``):
+
+* ``routed_mm_kernel``: ``out[m, n] = sum_k A[m, k] B_mod(m)[n, k] (+ bias_mod(m)[n])`` over tiles of
+  at most ``TILE_M`` rows that never cross a modality edge. Forward (A = x, B = W) and dX
+  (A = dY, B = W read transposed through its strides). ``QKV=True`` tiles the columns per head and
+  writes q / k / v in the attention layout, ``ROPE=True`` also rotates q and k (rotate-half).
+* ``routed_dw_kernel``: ``dW_m = dY_m^T X_m`` and ``db_m = sum dY_m`` for both modalities, looping
+  over the tiles of one modality (no gather, no masked double work), optionally split over tokens
+  into a float32 workspace that is summed afterwards in a fixed order (deterministic).
+* ``qkv_grad_kernel``: the backward of the QKV epilogue: un-rotates dq / dk and writes the fused
+  ``dY [M, (H + 2 Hkv) D]`` that the two GEMM-backward kernels read.
+
+The tile table (int32, ``2 * (M + 1) + 2`` entries)::
+
+    table[0 : M+1]        row_start of tile j   (tiles ordered: all text tiles, then all image tiles)
+    table[M+1 : 2M+2]     row_end of tile j     (exclusive; start == end == M for unused slots)
+    table[2M+2]           number of text tiles
+    table[2M+3]           number of tiles
+
+Each maximal run of one modality is cut into tiles of TILE_M rows starting at the run start, so
+there are at most ``cdiv(M, TILE_M) + runs`` tiles and never more than ``M``: the table is sized by
+that shape-only bound. Programs of the GEMM kernels take "slots" and loop over tiles
+``slot, slot + slots, ...``, so the grid depends on shapes only and any layout is covered (a layout
+with more runs than the slack makes some programs run two tiles instead of failing).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Rows per tile. The tile table is built for this size, so every GEMM config uses it as BLOCK_M.
+TILE_M_GPU = 128
+TILE_M_INTERPRET = 16
+TILE_M = TILE_M_INTERPRET if INTERPRET else TILE_M_GPU
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# ----------------------------------------------------------------------------- tile table
+def build_tile_table(is_image: torch.Tensor, tile_m: int = TILE_M) -> torch.Tensor:
+    """Tile table of a flat ``[M]`` bool modality vector; tensor ops only (no host sync)."""
+    M = is_image.numel()
+    device = is_image.device
+    img = is_image.reshape(-1)
+    idx = torch.arange(M, device=device, dtype=torch.int64)
+    changes = img[1:] != img[:-1]
+    true1 = torch.ones(1, dtype=torch.bool, device=device)
+    run_first = torch.cat([true1, changes])
+    run_last = torch.cat([changes, true1])
+    run_start = torch.cummax(torch.where(run_first, idx, torch.zeros_like(idx)), dim=0).values
+    end_marks = torch.where(run_last, idx + 1, torch.full_like(idx, M))
+    run_end = torch.cummin(end_marks.flip(0), dim=0).values.flip(0)
+    tile_first = (idx - run_start) % tile_m == 0
+    tile_end_at = torch.minimum(idx + tile_m, run_end)
+    cum_text = torch.cumsum((tile_first & ~img).to(torch.int64), 0)
+    cum_image = torch.cumsum((tile_first & img).to(torch.int64), 0)
+    n_text = cum_text[-1:]
+    n_total = n_text + cum_image[-1:]
+    j = torch.arange(M + 1, device=device, dtype=torch.int64)
+    # start of the (j+1)-th text tile = first token where the running count of text tiles reaches j+1
+    start_text = torch.searchsorted(cum_text, j + 1)
+    start_image = torch.searchsorted(cum_image, j - n_text + 1)
+    start = torch.where(j < n_text, start_text, start_image)  # M where no tile
+    end = torch.where(start < M, tile_end_at.gather(0, start.clamp(max=M - 1)), torch.full_like(start, M))
+    return torch.cat([start, end, n_text, n_total]).to(torch.int32)
+
+
+def tile_table_size(M: int) -> int:
+    return 2 * (M + 1) + 2
+
+
+def slots_for(M: int, tile_m: int = TILE_M) -> int:
+    """Programs along the token axis: one per aligned tile plus slack for tiles cut by runs."""
+    base = cdiv(M, tile_m)
+    return base + min(base, 64)
+
+
+# ----------------------------------------------------------------------------- configs
+def _gemm_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    cfgs = []
+    for bn, bk, warps, stages in (
+        (128, 64, 8, 3),
+        (128, 64, 4, 4),
+        (256, 64, 8, 3),
+        (64, 64, 4, 4),
+        (128, 128, 8, 2),
+    ):
+        cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _dw_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=2),
+    ]
+
+
+GEMM_CONFIGS = _gemm_configs()
+DW_CONFIGS = _dw_configs()
+
+
+# ----------------------------------------------------------------------------- GEMM kernel
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "QKV", "ROPE", "HAS_BIAS"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def routed_mm_kernel(
+    a_ptr, bt_ptr, bi_ptr, biast_ptr, biasi_ptr, table_ptr,
+    out_ptr, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
+    M, N, K, stride_am, stride_bn, stride_bk, stride_om,
+    n_slots, num_heads, num_kv_heads, cos_rows,
+    has_bias_text, has_bias_image,
+    HEAD_DIM: tl.constexpr, QKV: tl.constexpr, ROPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    HALF: tl.constexpr = BLOCK_N // 2
+    if QKV:
+        if ROPE:
+            tiles_per_head: tl.constexpr = (HEAD_DIM // 2 + HALF - 1) // HALF
+        else:
+            tiles_per_head: tl.constexpr = (HEAD_DIM + BLOCK_N - 1) // BLOCK_N
+        n_col_tiles = (num_heads + 2 * num_kv_heads) * tiles_per_head
+    else:
+        n_col_tiles = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M slots share a band of column tiles (L2 reuse of A and B)
+    width = GROUP_M * n_col_tiles
+    group_id = pid // width
+    first_slot = group_id * GROUP_M
+    group_size = tl.minimum(n_slots - first_slot, GROUP_M)
+    slot = first_slot + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    n_text = tl.load(table_ptr + 2 * M + 2)
+    n_tiles = tl.load(table_ptr + 2 * M + 3)
+
+    jj = tl.arange(0, BLOCK_N)
+    if QKV:
+        head = pid_n // tiles_per_head
+        sub = pid_n % tiles_per_head
+        if ROPE:
+            # the tile holds columns [c0, c0 + HALF) of the head's first half and their rotate-half
+            # partners [c0 + D/2, ...), so the rotation is elementwise in the epilogue
+            d_in_half = sub * HALF + (jj % HALF)
+            col_ok = d_in_half < HEAD_DIM // 2
+            d_idx = d_in_half + (jj // HALF) * (HEAD_DIM // 2)
+        else:
+            d_idx = sub * BLOCK_N + jj
+            col_ok = d_idx < HEAD_DIM
+        cols = head * HEAD_DIM + d_idx
+    else:
+        head = 0
+        cols = pid_n * BLOCK_N + jj
+        col_ok = cols < N
+    rk = tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+
+    for j in range(slot, n_tiles, n_slots):
+        row_start = tl.load(table_ptr + j)
+        row_end = tl.load(table_ptr + M + 1 + j)
+        is_img = j >= n_text
+        b_ptr = tl.where(is_img, bi_ptr, bt_ptr)
+        rows = row_start + rm
+        row_ok = rows < row_end
+        a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + rk[None, :]
+        b_ptrs = b_ptr + rk[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = (k0 + rk) < K
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:  # the interpreter's bf16 dot is wrong: do it in fp32 there
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_bk
+
+        if HAS_BIAS:
+            bias_ptr = tl.where(is_img, biasi_ptr, biast_ptr)
+            has_bias = tl.where(is_img, has_bias_image, has_bias_text) != 0
+            bias = tl.load(bias_ptr + cols, mask=col_ok & has_bias, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+
+        out_dtype = out_ptr.dtype.element_ty
+        rows64 = rows.to(tl.int64)
+        if QKV:
+            # head-major destinations: q [M, H*D], k and v [M, Hkv*D] (row-major = [..., T, heads, D])
+            in_k = head >= num_heads
+            in_v = head >= num_heads + num_kv_heads
+            dst = tl.where(in_v, v_out_ptr, tl.where(in_k, k_out_ptr, out_ptr))
+            dst_head = tl.where(in_v, head - num_heads - num_kv_heads, tl.where(in_k, head - num_heads, head))
+            dst_stride = tl.where(in_k, num_kv_heads, num_heads) * HEAD_DIM
+            if ROPE:
+                lo = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+                y_lo = lo[0]
+                y_hi = lo[1]
+                rh = tl.arange(0, HALF)
+                d_lo = sub * HALF + rh
+                h_ok = d_lo < HEAD_DIM // 2
+                rotate = head < num_heads + num_kv_heads
+                trow = (rows64 % cos_rows) * HEAD_DIM
+                m2 = row_ok[:, None] & h_ok[None, :]
+                mr = m2 & rotate
+                # v heads: cos = 1, sin = 0 through the masked loads' defaults
+                c_lo = tl.load(cos_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=1.0).to(tl.float32)
+                c_hi = tl.load(cos_ptr + trow[:, None] + (d_lo + HEAD_DIM // 2)[None, :], mask=mr, other=1.0).to(tl.float32)
+                s_lo = tl.load(sin_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=0.0).to(tl.float32)
+                s_hi = tl.load(sin_ptr + trow[:, None] + (d_lo + HEAD_DIM // 2)[None, :], mask=mr, other=0.0).to(tl.float32)
+                o_lo = y_lo * c_lo - y_hi * s_lo
+                o_hi = y_hi * c_hi + y_lo * s_hi
+                base = dst + rows64[:, None] * dst_stride + dst_head * HEAD_DIM
+                tl.store(base + d_lo[None, :], o_lo.to(out_dtype), mask=m2)
+                tl.store(base + (d_lo + HEAD_DIM // 2)[None, :], o_hi.to(out_dtype), mask=m2)
+            else:
+                ptrs = dst + rows64[:, None] * dst_stride + (dst_head * HEAD_DIM + d_idx)[None, :]
+                tl.store(ptrs, acc.to(out_dtype), mask=row_ok[:, None] & col_ok[None, :])
+        else:
+            ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :]
+            tl.store(ptrs, acc.to(out_dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- dW / db kernel
+@triton.jit
+def _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, first, last, step, cols_n, cols_k, n_ok, k_ok,
+              WITH_DB: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    rm = tl.arange(0, BLOCK_M)
+    for j in range(first, last, step):
+        row_start = tl.load(table_ptr + j)
+        row_end = tl.load(table_ptr + M + 1 + j)
+        rows = row_start + rm
+        row_ok = rows < row_end
+        rows64 = rows.to(tl.int64)
+        dyt = tl.load(dy_ptr + rows64[None, :] * N + cols_n[:, None], mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + rows64[:, None] * K + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(dyt, xt, acc, input_precision=DOT_PRECISION)
+        if WITH_DB:
+            db += tl.sum(dyt.to(tl.float32), axis=1)
+    return acc, db
+
+
+@triton.autotune(configs=DW_CONFIGS, key=["N", "K", "SPLIT"])
+@triton.jit
+def routed_dw_kernel(
+    dy_ptr, x_ptr, table_ptr, dwt_ptr, dwi_ptr, dbt_ptr, dbi_ptr,
+    M, N, K,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_k_tiles = tl.cdiv(K, BLOCK_K)
+    pid_n = pid // n_k_tiles
+    pid_k = pid % n_k_tiles
+    pid1 = tl.program_id(1)
+    modality = pid1 // SPLIT  # 0 text, 1 image
+    split = pid1 % SPLIT
+    n_text = tl.load(table_ptr + 2 * M + 2)
+    n_tiles = tl.load(table_ptr + 2 * M + 3)
+    lo = tl.where(modality == 1, n_text, 0)
+    hi = tl.where(modality == 1, n_tiles, n_text)
+    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = cols_n < N
+    k_ok = cols_k < K
+    if pid_k == 0:
+        acc, db = _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, lo + split, hi, SPLIT, cols_n, cols_k, n_ok, k_ok,
+                            True, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        db_ptr = tl.where(modality == 1, dbi_ptr, dbt_ptr) + split * N
+        tl.store(db_ptr + cols_n, db, mask=n_ok)
+    else:
+        acc, db = _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, lo + split, hi, SPLIT, cols_n, cols_k, n_ok, k_ok,
+                            False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    dw_ptr = tl.where(modality == 1, dwi_ptr, dwt_ptr) + split.to(tl.int64) * N * K
+    out = dw_ptr + cols_n.to(tl.int64)[:, None] * K + cols_k[None, :]
+    tl.store(out, acc.to(dwt_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- QKV backward prologue
+@triton.jit
+def qkv_grad_kernel(
+    dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dy_ptr,
+    M, num_heads, num_kv_heads, cos_rows,
+    HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dY[:, head] = un-rotated dq / dk (transpose of the rotation: y_lo = o_lo c_lo + o_hi s_hi, ...)."""
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    in_k = head >= num_heads
+    in_v = head >= num_heads + num_kv_heads
+    src = tl.where(in_v, dv_ptr, tl.where(in_k, dk_ptr, dq_ptr))
+    src_head = tl.where(in_v, head - num_heads - num_kv_heads, tl.where(in_k, head - num_heads, head))
+    src_stride = tl.where(in_k, num_kv_heads, num_heads) * HEAD_DIM
+    n_total = (num_heads + 2 * num_kv_heads) * HEAD_DIM
+    src_base = src + rows64[:, None] * src_stride + src_head * HEAD_DIM
+    dst_base = dy_ptr + rows64[:, None] * n_total + head * HEAD_DIM
+    d = tl.arange(0, BLOCK_D)
+    out_dtype = dy_ptr.dtype.element_ty
+    if ROPE:
+        HALF_D: tl.constexpr = HEAD_DIM // 2
+        d_ok = d < HALF_D
+        m2 = row_ok[:, None] & d_ok[None, :]
+        mr = m2 & (head < num_heads + num_kv_heads)
+        trow = (rows64 % cos_rows) * HEAD_DIM
+        g_lo = tl.load(src_base + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        g_hi = tl.load(src_base + (d + HALF_D)[None, :], mask=m2, other=0.0).to(tl.float32)
+        c_lo = tl.load(cos_ptr + trow[:, None] + d[None, :], mask=mr, other=1.0).to(tl.float32)
+        c_hi = tl.load(cos_ptr + trow[:, None] + (d + HALF_D)[None, :], mask=mr, other=1.0).to(tl.float32)
+        s_lo = tl.load(sin_ptr + trow[:, None] + d[None, :], mask=mr, other=0.0).to(tl.float32)
+        s_hi = tl.load(sin_ptr + trow[:, None] + (d + HALF_D)[None, :], mask=mr, other=0.0).to(tl.float32)
+        tl.store(dst_base + d[None, :], (g_lo * c_lo + g_hi * s_hi).to(out_dtype), mask=m2)
+        tl.store(dst_base + (d + HALF_D)[None, :], (g_hi * c_hi - g_lo * s_lo).to(out_dtype), mask=m2)
+    else:
+        m2 = row_ok[:, None] & (d < HEAD_DIM)[None, :]
+        g = tl.load(src_base + d[None, :], mask=m2, other=0.0)
+        tl.store(dst_base + d[None, :], g.to(out_dtype), mask=m2)
