@@ -1,0 +1,382 @@
+"""apply_llavit on tiny random Qwen2 / Llama / LLaVA models (CPU, reference ops).
+
+The independent reference for image inputs is the stock transformers model with
+* its q/k/v projections replaced by a per-token ``torch.where`` over text and image nn.Linear, and
+* a 4-D mask built by transformers' own masking utilities, the ones Gemma 3 uses for its image
+  blocks: ``create_causal_mask(..., or_mask_function=blockwise_overlay(block_ids))``.
+"""
+
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from llavit_kernels.integrations import (  # noqa: E402
+    HFLlavitAttention,
+    LlavitLayoutSource,
+    apply_llavit,
+    apply_llavit_mask,
+    llavit_state_dict,
+    load_llavit_weights,
+)
+
+IMAGE_ID = 99
+VOCAB = 100
+
+
+# ---------------------------------------------------------------------------- tiny models
+def text_config(kind="qwen2", layers=2, **extra):
+    common = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                  num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=128, **extra)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**common)
+    return transformers.LlamaConfig(attention_bias=True, **common)
+
+
+def make_text_model(kind="qwen2", seed=0, **extra):
+    torch.manual_seed(seed)
+    cls = transformers.Qwen2ForCausalLM if kind == "qwen2" else transformers.LlamaForCausalLM
+    return cls(text_config(kind, **extra)).eval()
+
+
+IMAGE_TOKENS = 16  # (28 / 7)^2 patches, CLS dropped ("default" feature strategy)
+
+
+def make_llava(kind="qwen2", seed=0):
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=28, patch_size=7, projection_dim=32)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text_config(kind), image_token_id=IMAGE_ID,
+                                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+def perturb_image_weights(model, scale=0.5, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "_proj_image." in name:
+                param.add_(scale * torch.randn(param.shape, generator=gen) / math.sqrt(param.shape[-1]))
+
+
+def image_batch(batch=2, length=24, starts=(2, 5), pad_left=(0, 0)):
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, IMAGE_ID - 1, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(batch):
+        ids[b, starts[b]:starts[b] + IMAGE_TOKENS] = IMAGE_ID
+        mask[b, :pad_left[b]] = 0
+        ids[b, :pad_left[b]] = 0
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------- independent reference
+class _Holder:
+    is_image = None
+
+
+class RoutedLinear(nn.Module):
+    """Per-token weight selection, the plain way: both projections, then a where."""
+
+    def __init__(self, text, image, holder):
+        super().__init__()
+        self.text, self.image, self.holder = text, image, holder
+
+    def forward(self, x):
+        return torch.where(self.holder.is_image[..., None], self.image(x), self.text(x))
+
+
+def block_ids_python(is_image):
+    """Gemma-3-style block ids: one id per maximal run of image tokens, -1 on text (Python loop)."""
+    out = torch.full(is_image.shape, -1, dtype=torch.long)
+    for b in range(is_image.shape[0]):
+        block, prev = -1, False
+        for t, flag in enumerate(is_image[b].tolist()):
+            if flag and not prev:
+                block += 1
+            if flag:
+                out[b, t] = block
+            prev = flag
+    return out
+
+
+def _blockwise_overlay(block_ids):
+    try:
+        from transformers.masking_utils import blockwise_overlay
+    except ImportError:  # older transformers: the same rule Gemma 3's token_type_ids overlay encodes
+        def blockwise_overlay(ids):
+            def inner(batch_idx, head_idx, q_idx, kv_idx):
+                return (ids[batch_idx, q_idx] == ids[batch_idx, kv_idx]) & (ids[batch_idx, q_idx] >= 0)
+            return inner
+    return blockwise_overlay(block_ids)
+
+
+def hf_image_mask(config, input_ids, attention_mask, bidirectional=True):
+    """transformers' create_causal_mask with the Gemma 3 image-block overlay (eager float mask)."""
+    from transformers.masking_utils import create_causal_mask
+
+    batch, length = input_ids.shape
+    params = inspect.signature(create_causal_mask).parameters
+    kwargs = {"config": config, "attention_mask": attention_mask}
+    embeds = torch.zeros(batch, length, config.hidden_size)
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
+    kwargs["cache" if "cache" in params else "past_key_values"] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(length)
+    if "position_ids" in params:
+        kwargs["position_ids"] = torch.arange(length)[None]
+    if bidirectional:
+        kwargs["or_mask_function"] = _blockwise_overlay(block_ids_python(input_ids == IMAGE_ID))
+    else:
+        kwargs["allow_is_causal_skip"] = False
+    mask = create_causal_mask(**kwargs)
+    assert mask is not None and mask.dim() == 4
+    return mask
+
+
+def text_config_of(model):
+    return getattr(model.config, "text_config", None) or model.config
+
+
+def build_reference(plain, converted):
+    """Stock model + routed q/k/v copied from the converted one, eager attention."""
+    ref = copy.deepcopy(plain)
+    holder = _Holder()
+    converted_modules = dict(converted.named_modules())
+    for name, module in list(ref.named_modules()):
+        conv = converted_modules.get(name)
+        if isinstance(conv, HFLlavitAttention):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                image = getattr(conv, proj + "_image") if conv.separate_image_qkv else getattr(conv, proj)
+                setattr(module, proj, RoutedLinear(copy.deepcopy(getattr(conv, proj)), copy.deepcopy(image), holder))
+    text_config_of(ref)._attn_implementation = "eager"
+    ref._holder = holder
+    return ref
+
+
+def reference_forward(ref, input_ids, attention_mask=None, bidirectional=True, **kwargs):
+    ref._holder.is_image = input_ids == IMAGE_ID
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = hf_image_mask(text_config_of(ref), input_ids, attention_mask, bidirectional)
+    return ref(input_ids=input_ids, attention_mask=mask, **kwargs)
+
+
+def reference_param_name(name):
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        if f".{proj}_image." in name:
+            return name.replace(f".{proj}_image.", f".{proj}.image.")
+        if f".{proj}." in name and "vision_tower" not in name:
+            return name.replace(f".{proj}.", f".{proj}.text.")
+    return name
+
+
+def convert(plain, **kwargs):
+    model = copy.deepcopy(plain)
+    if not isinstance(plain, transformers.LlavaForConditionalGeneration):
+        kwargs.setdefault("image_token_id", IMAGE_ID)
+    apply_llavit(model, **kwargs)
+    return model
+
+
+# ---------------------------------------------------------------------------- text-only
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_text_only_logits_equal_unconverted(kind):
+    plain = make_text_model(kind)
+    model = convert(plain)
+    perturb_image_weights(model)  # irrelevant for text: no token routes to them
+    ids = torch.randint(0, IMAGE_ID - 1, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, -2:] = 0  # right padding
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        want = plain(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- images vs HF-mask reference
+def _compare_forward_and_grads(model, ref, batch_kwargs, ids, mask, rtol=1e-4, atol=1e-5):
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, 1:][mask[:, :-1] == 0] = -100  # predicted from a padding position: meaningless
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, **batch_kwargs)
+    want = reference_forward(ref, ids, mask, labels=labels, **batch_kwargs)
+    keep = mask.bool()
+    torch.testing.assert_close(out.logits[keep], want.logits[keep], rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.loss, want.loss, rtol=rtol, atol=atol)
+    out.loss.backward()
+    want.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    checked = 0
+    for name, param in model.named_parameters():
+        other = ref_params[reference_param_name(name)]
+        if param.grad is None:
+            assert other.grad is None or float(other.grad.abs().max()) == 0, name
+            continue
+        torch.testing.assert_close(param.grad, other.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+        checked += 1
+    image_grads = [p.grad for n, p in model.named_parameters() if "_proj_image." in n]
+    assert image_grads and all(g is not None and float(g.abs().sum()) > 0 for g in image_grads)
+    return checked
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_text_model_with_images_matches_hf_mask_reference(kind):
+    plain = make_text_model(kind)
+    model = convert(plain).train()
+    perturb_image_weights(model)
+    ref = build_reference(plain, model).train()
+    ids, mask = image_batch(pad_left=(0, 3))
+    assert _compare_forward_and_grads(model, ref, {}, ids, mask) > 10
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_llava_matches_hf_mask_reference(kind):
+    plain = make_llava(kind)
+    model = convert(plain).train()
+    perturb_image_weights(model)
+    ref = build_reference(plain, model).train()
+    ids, mask = image_batch(length=26, starts=(1, 7), pad_left=(0, 2))
+    pixels = torch.randn(2, 3, 28, 28)
+    assert _compare_forward_and_grads(model, ref, {"pixel_values": pixels}, ids, mask) > 20
+
+
+def test_reference_check_can_fail():
+    """The comparison detects a causal-only model and a model that ignores the image weights."""
+    plain = make_text_model("qwen2")
+    model = convert(plain)
+    perturb_image_weights(model)
+    ref = build_reference(plain, model)
+    ids, mask = image_batch()
+    with torch.no_grad():
+        want = reference_forward(ref, ids, mask).logits
+        assert torch.allclose(model(ids, attention_mask=mask).logits, want, atol=1e-5)
+        causal = convert(plain, bidirectional_image=False, weights=None)
+        causal.load_state_dict(model.state_dict())
+        assert not torch.allclose(causal(ids, attention_mask=mask).logits, want, atol=1e-3)
+        # ... and the causal one equals the reference with transformers' plain causal mask
+        torch.testing.assert_close(causal(ids, attention_mask=mask).logits,
+                                   reference_forward(ref, ids, mask, bidirectional=False).logits, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(plain(ids, attention_mask=mask).logits, want, atol=1e-3)
+
+
+def test_shared_weights_ablation_matches_reference():
+    plain = make_text_model("llama")
+    model = convert(plain, separate_image_qkv=False)
+    assert not llavit_state_dict(model)
+    ref = build_reference(plain, model)
+    ids, mask = image_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits,
+                                   reference_forward(ref, ids, mask).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_mask_only_attention_interface():
+    from transformers import AttentionInterface
+
+    assert "llavit" in AttentionInterface._global_mapping
+    plain = make_text_model("qwen2")
+    model = copy.deepcopy(plain)
+    apply_llavit_mask(model, image_token_id=IMAGE_ID)
+    assert text_config_of(model)._attn_implementation == "llavit"
+    assert set(model.state_dict()) == set(plain.state_dict())
+    ref = copy.deepcopy(plain)
+    text_config_of(ref)._attn_implementation = "eager"
+    ids, mask = image_batch(pad_left=(2, 0))
+    keep = mask.bool()
+    with torch.no_grad():
+        full_mask = hf_image_mask(text_config_of(ref), ids, mask)
+        want = ref(ids, attention_mask=full_mask).logits
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- training details
+def test_gradient_checkpointing_same_grads():
+    plain = make_text_model("qwen2")
+    model = convert(plain).train()
+    perturb_image_weights(model)
+    ckpt = copy.deepcopy(model)  # the deep copy keeps a working converted forward
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask = image_batch()
+    for m in (model, ckpt):
+        m(ids, attention_mask=mask, labels=ids).loss.backward()
+    for (name, a), (_, b) in zip(model.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_inputs_embeds_with_image_mask():
+    plain = make_text_model("qwen2")
+    model = convert(plain)
+    perturb_image_weights(model)
+    ids, mask = image_batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        embeds = model.get_input_embeddings()(ids)
+        got = model(inputs_embeds=embeds, attention_mask=mask, image_mask=ids == IMAGE_ID).logits
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="image_mask"):
+        model(inputs_embeds=embeds, attention_mask=mask)
+
+
+# ---------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("family", ["qwen2", "llava"])
+def test_save_pretrained_from_pretrained_restores_image_weights(tmp_path, family):
+    plain = make_llava("llama") if family == "llava" else make_text_model("qwen2")
+    model = convert(plain)
+    perturb_image_weights(model)
+    model.save_pretrained(tmp_path)
+    cls = type(plain)
+    loaded = cls.from_pretrained(tmp_path).eval()
+    assert not llavit_state_dict(loaded)  # the stock class drops the image keys ...
+    apply_llavit(loaded)  # ... and apply_llavit restores them from config._name_or_path
+    for key, value in llavit_state_dict(model).items():
+        torch.testing.assert_close(llavit_state_dict(loaded)[key], value)
+    ids, mask = image_batch()
+    kwargs = {"pixel_values": torch.randn(2, 3, 28, 28)} if family == "llava" else {}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, attention_mask=mask, **kwargs).logits,
+                                   model(ids, attention_mask=mask, **kwargs).logits)
+    # explicit paths: a state dict, or weights=None (copies of the text weights)
+    fresh = cls.from_pretrained(tmp_path)
+    apply_llavit(fresh, weights=None)
+    q_text = [p for n, p in fresh.named_parameters()
+              if n.endswith("layers.0.self_attn.q_proj.weight") and "vision" not in n][0]
+    q_image = [p for n, p in fresh.named_parameters() if n.endswith("layers.0.self_attn.q_proj_image.weight")][0]
+    torch.testing.assert_close(q_image, q_text)
+    assert load_llavit_weights(fresh, llavit_state_dict(model)) == len(llavit_state_dict(model))
+    torch.testing.assert_close(llavit_state_dict(fresh), llavit_state_dict(model))
+
+
+# ---------------------------------------------------------------------------- bad inputs
+def test_bad_inputs_raise_clear_errors():
+    plain = make_text_model("qwen2")
+    with pytest.raises(ValueError, match=r"image_token_id: expected an id in the vocabulary \[0, 100\), got 100"):
+        apply_llavit(copy.deepcopy(plain), image_token_id=VOCAB)
+    with pytest.raises(ValueError, match="image_token_id: Qwen2ForCausalLM has no image token"):
+        apply_llavit(copy.deepcopy(plain))
+    with pytest.raises(TypeError, match="model: expected Qwen2ForCausalLM"):
+        apply_llavit(nn.Linear(2, 2), image_token_id=1)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB))
+    with pytest.raises(TypeError, match="got GPT2LMHeadModel"):
+        apply_llavit(gpt2, image_token_id=1)
+    model = convert(plain)
+    ids, mask = image_batch()
+    with pytest.raises(ValueError, match="llavit layout: it covers"):
+        model(ids, attention_mask=mask, image_mask=torch.zeros(2, 23, dtype=torch.bool))
+    with pytest.raises(ValueError, match="2-D"):
+        model(ids, attention_mask=torch.ones(2, 1, 24, 24))
+    attn = model.model.layers[0].self_attn
+    hidden = torch.randn(2, 24, 32)
+    cos = sin = torch.ones(1, 24, 8)
+    with pytest.raises(ValueError, match="llavit layout: it covers"):
+        attn(hidden, (cos, sin), None, llavit_layout=LlavitLayoutSource(torch.zeros(2, 20, dtype=torch.bool)))
+    with pytest.raises(RuntimeError, match="no layout"):
+        attn(hidden, (cos, sin), None)
