@@ -95,8 +95,20 @@ def _launch_mm(a, w_t, w_i, b_t, b_i, table, out, *, transpose_b: bool, qkv=None
     )
 
 
+# Tests set this to fill every buffer the kernels must overwrite with NaN, so that an element a
+# kernel forgets to write shows up instead of passing with whatever memory held.
+POISON_OUTPUTS = False
+
+
+def _new(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    out = like.new_empty(shape, dtype=dtype if dtype is not None else like.dtype)
+    if POISON_OUTPUTS and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
 def _empty_like_rows(x2d: torch.Tensor, n: int) -> torch.Tensor:
-    return x2d.new_empty((x2d.shape[0], n))
+    return _new(x2d, (x2d.shape[0], n))
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -129,7 +141,7 @@ def _(x, table, w_t, b_t, w_i, b_i):
 
 @torch.library.custom_op("llavit::ml_linear_dx", mutates_args=())
 def ml_linear_dx(dy: torch.Tensor, table: torch.Tensor, w_t: torch.Tensor, w_i: torch.Tensor) -> torch.Tensor:
-    dx = dy.new_empty((dy.shape[0], w_t.shape[1]))
+    dx = _new(dy, (dy.shape[0], w_t.shape[1]))
     if dy.shape[0] == 0 or dx.shape[1] == 0:
         return dx.zero_()
     if dy.shape[1] == 0:
@@ -156,13 +168,13 @@ def ml_linear_dw(dy: torch.Tensor, x: torch.Tensor, table: torch.Tensor) -> List
     x = x.contiguous()
     split = _dw_split(M, N, Kd, dy.device)
     if split == 1:
-        dw_t = dy.new_empty((N, Kd))
-        dw_i = dy.new_empty((N, Kd))
+        dw_t = _new(dy, (N, Kd))
+        dw_i = _new(dy, (N, Kd))
     else:
-        dw_t = dy.new_empty((split, N, Kd), dtype=torch.float32)
-        dw_i = dy.new_empty((split, N, Kd), dtype=torch.float32)
-    db_t = dy.new_empty((split, N), dtype=torch.float32)
-    db_i = dy.new_empty((split, N), dtype=torch.float32)
+        dw_t = _new(dy, (split, N, Kd), torch.float32)
+        dw_i = _new(dy, (split, N, Kd), torch.float32)
+    db_t = _new(dy, (split, N), torch.float32)
+    db_i = _new(dy, (split, N), torch.float32)
 
     def grid(meta):
         return (cdiv(N, meta["BLOCK_N"]) * cdiv(Kd, meta["BLOCK_K"]), 2 * split)
@@ -189,9 +201,9 @@ def ml_qkv(x: torch.Tensor, table: torch.Tensor, w_t: torch.Tensor, b_t: Optiona
            num_heads: int, num_kv_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     M = x.shape[0]
     head_dim = w_t.shape[0] // (num_heads + 2 * num_kv_heads)
-    q = x.new_empty((M, num_heads, head_dim))
-    k = x.new_empty((M, num_kv_heads, head_dim))
-    v = x.new_empty((M, num_kv_heads, head_dim))
+    q = _new(x, (M, num_heads, head_dim))
+    k = _new(x, (M, num_kv_heads, head_dim))
+    v = _new(x, (M, num_kv_heads, head_dim))
     if M == 0 or head_dim == 0:
         return q.zero_(), k.zero_(), v.zero_()
     cos_rows = 1
@@ -217,7 +229,7 @@ def ml_qkv_grad(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: Optio
                 sin: Optional[torch.Tensor], num_heads: int, num_kv_heads: int) -> torch.Tensor:
     M, _, head_dim = dq.shape
     n_total = (num_heads + 2 * num_kv_heads) * head_dim
-    dy = dq.new_empty((M, n_total))
+    dy = _new(dq, (M, n_total))
     if M == 0 or head_dim == 0:
         return dy.zero_()
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
@@ -231,7 +243,7 @@ def ml_qkv_grad(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: Optio
         cos = sin = dq
         cos_rows = 1
         block_d = triton_next_pow2(head_dim)
-    block_m = 16 if K_.INTERPRET else 64
+    block_m = 16 if K_.INTERPRET else 32
     grid = (cdiv(M, block_m), num_heads + 2 * num_kv_heads)
     K_.qkv_grad_kernel[grid](dq, dk, dv, cos, sin, dy, M, num_heads, num_kv_heads, cos_rows,
                              HEAD_DIM=head_dim, ROPE=rope, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)

@@ -1,0 +1,441 @@
+"""Interpreter and GPU tiers of the Triton modality_linear / modality_qkv.
+
+Each test compares the Triton path against the float64 evaluation of the pure-torch reference,
+forward and every gradient. On CPU the kernels run in Triton's interpreter (small shapes, fp32 and
+fp16; bf16 dots are computed in fp32 there); the ``requires_cuda`` tests rerun them in bf16 on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import HAS_CUDA, requires_cuda
+from llavit_kernels import SpanLayout
+from llavit_kernels.ops import _modality_linear_kernels as kern
+from llavit_kernels.ops import _modality_linear_triton as mlt
+from llavit_kernels.ops.modality_linear import (
+    modality_linear,
+    modality_linear_reference,
+    modality_qkv,
+    modality_qkv_reference,
+)
+
+CPU = torch.device("cpu")
+TM = kern.TILE_M
+
+
+# ----------------------------------------------------------------------------- helpers
+def mask_from_runs(M: int, spans, device=CPU) -> torch.Tensor:
+    m = torch.zeros(M, dtype=torch.bool, device=device)
+    for start, length in spans:
+        m[start:start + length] = True
+    return m
+
+
+# Layouts in units of the tile so that they cut tiles the same way on the GPU (TILE_M=128) and in
+# the interpreter (TILE_M=16); every one stresses a different tile-table case.
+def named_layouts(tm: int):
+    return {
+        "mixed": (3 * tm + 5, [(5, tm + 1), (2 * tm - 2, 1), (2 * tm + 3, tm - 1)]),
+        "all_text": (2 * tm + 7, []),
+        "all_image": (2 * tm + 7, [(0, 2 * tm + 7)]),
+        "aligned_span": (3 * tm, [(tm, tm)]),
+        "one_token_spans": (2 * tm + 1, [(0, 1), (tm - 1, 1), (tm, 1), (2 * tm, 1)]),
+        "alternating": (tm + 9, [(i, 1) for i in range(0, tm + 9, 2)]),
+        "tiny": (3, [(1, 1)]),
+    }
+
+
+def make_linear_inputs(M_shape, K, N, dtype, device, bias=(True, True), scale=1.0):
+    g = torch.Generator(device="cpu").manual_seed(1234)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(True)
+
+    x = r(*M_shape, K)
+    w_t, w_i = r(N, K) / K ** 0.5, r(N, K) / K ** 0.5
+    w_t = w_t.detach().requires_grad_(True)
+    w_i = w_i.detach().requires_grad_(True)
+    b_t = r(N) if bias[0] else None
+    b_i = r(N) if bias[1] else None
+    return x, w_t, b_t, w_i, b_i
+
+
+def _f64(t):
+    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+
+def grads(outs, inputs, gouts):
+    live = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(outs, live, gouts, allow_unused=True)
+    it = iter(got)
+    return [None if t is None else next(it) for t in inputs]
+
+
+def tolerance(dtype):
+    # max-abs error allowed relative to the reference's magnitude (values here are O(1))
+    return {torch.float32: 2e-4, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}[dtype]
+
+
+def assert_close_to_f64(got, ref64, ref_lowp, dtype, what):
+    """Ours vs float64 must be within 2x torch's own low-precision error (flash-attention's rule) + tol."""
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (an unwritten / poisoned element?)"
+    err = (got.double() - ref64).abs().max().item()
+    base = (ref_lowp.double() - ref64).abs().max().item() if ref_lowp is not None else 0.0
+    scale = max(ref64.abs().max().item(), 1.0)
+    assert err <= 2 * base + tolerance(dtype) * scale, f"{what}: max err {err:.3g} (torch's own {base:.3g}, scale {scale:.3g})"
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    monkeypatch.setattr(mlt, "POISON_OUTPUTS", True)
+
+
+def check_linear(is_image, x, w_t, b_t, w_i, b_i, dtype, backend="triton"):
+    inputs = [x, w_t, b_t, w_i, b_i]
+    y = modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend=backend)
+    assert y.shape == x.shape[:-1] + (w_t.shape[0],)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, dtype)
+    g = grads([y], inputs, [gy])
+    in64 = [_f64(t) for t in inputs]
+    y64 = modality_linear_reference(in64[0], is_image, in64[1], in64[2], in64[3], in64[4])
+    g64 = grads([y64], in64, [gy.double()])
+    y_lp = modality_linear_reference(x, is_image, w_t, b_t, w_i, b_i)  # torch's own low-precision error
+    g_lp = grads([y_lp], inputs, [gy])
+    assert_close_to_f64(y, y64, y_lp, dtype, "y")
+    for name, a, b, c in zip(("dx", "dw_text", "db_text", "dw_image", "db_image"), g, g64, g_lp):
+        if b is None:
+            assert a is None, name
+            continue
+        assert_close_to_f64(a, b, c, dtype, name)
+
+
+# ----------------------------------------------------------------------------- tile table
+def _check_table(is_image: torch.Tensor, tm: int):
+    M = is_image.numel()
+    table = kern.build_tile_table(is_image, tm).tolist()
+    starts, ends = table[: M + 1], table[M + 1: 2 * M + 2]
+    n_text, n_total = table[2 * M + 2], table[2 * M + 3]
+    runs = 1 + int((is_image[1:] != is_image[:-1]).sum()) if M else 0
+    assert n_total <= min(M, -(-M // tm) + runs)
+    assert n_total <= M + 1 and len(table) == kern.tile_table_size(M)
+    covered = torch.zeros(M, dtype=torch.int64)
+    for j in range(n_total):
+        s, e = starts[j], ends[j]
+        assert 0 <= s < e <= M and e - s <= tm, (j, s, e)
+        seg = is_image[s:e]
+        assert bool((seg == seg[0]).all()), f"tile {j} [{s},{e}) crosses a modality edge"
+        assert bool(seg[0]) == (j >= n_text), f"tile {j}: modality order (text tiles first)"
+        covered[s:e] += 1
+    assert bool((covered == 1).all()), "tiles must partition the tokens"
+    assert all(s == M and e == M for s, e in zip(starts[n_total:], ends[n_total:])), "unused slots are empty"
+
+
+@pytest.mark.parametrize("name", list(named_layouts(4)))
+@pytest.mark.parametrize("tm", [4, TM])
+def test_tile_table_named(name, tm):
+    M, spans = named_layouts(tm)[name]
+    _check_table(mask_from_runs(M, spans), tm)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.booleans(), min_size=1, max_size=90), st.sampled_from([1, 2, 3, 16]))
+def test_tile_table_fuzz(bits, tm):
+    _check_table(torch.tensor(bits, dtype=torch.bool), tm)
+
+
+# ----------------------------------------------------------------------------- modality_linear (interpreter)
+@pytest.mark.parametrize("name", list(named_layouts(TM)))
+def test_linear_fp32_layouts(name, poison):
+    M, spans = named_layouts(TM)[name]
+    is_image = mask_from_runs(M, spans)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 24, 20, torch.float32, CPU)
+    check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.float32)
+
+
+def test_linear_3d_odd_widths_one_bias(poison):
+    # [B, T, K] input, widths not multiples of the tile, only the image bias, SpanLayout input
+    B, T = 2, TM + 3
+    is_image = torch.zeros(B, T, dtype=torch.bool)
+    is_image[0, 2:TM + 1] = True
+    is_image[1, T - 1] = True
+    layout = SpanLayout.from_image_mask(is_image)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((B, T), 19, 33, torch.float32, CPU, bias=(False, True))
+    check_linear(layout.is_image, x, w_t, b_t, w_i, b_i, torch.float32)
+    y = modality_linear(x, layout, w_t, b_t, w_i, b_i, backend="triton")
+    assert y.shape == (B, T, 33)
+
+
+def test_linear_no_bias_fp16(poison):
+    M, spans = named_layouts(TM)["mixed"]
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 32, 24, torch.float16, CPU, bias=(False, False))
+    check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.float16)
+
+
+def test_linear_fp16_bias(poison):
+    M, spans = named_layouts(TM)["one_token_spans"]
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 40, 17, torch.float16, CPU)
+    check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.float16)
+
+
+def test_linear_bf16_upcast_in_interpreter(poison):
+    # bf16 dots run in fp32 under the interpreter; stores truncate there, so only the loose bf16 bound
+    M, spans = named_layouts(TM)["mixed"]
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 24, 20, torch.bfloat16, CPU)
+    check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.bfloat16)
+
+
+@settings(max_examples=6)
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(1, 2 * TM + 1)), min_size=1, max_size=5),
+    st.integers(1, 37),
+    st.integers(1, 37),
+)
+def test_linear_fuzz(runs, K, N):
+    is_image = torch.cat([torch.full((n,), img, dtype=torch.bool) for img, n in runs])
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((is_image.numel(),), K, N, torch.float32, CPU)
+    check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.float32)
+
+
+def test_linear_dw_split_path(monkeypatch, poison):
+    # the GPU splits the token reduction of dW when N x K is small; force it here (3 splits)
+    monkeypatch.setattr(mlt, "_dw_split", lambda M, N, K, device: 3)
+    M, spans = named_layouts(TM)["mixed"]
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 20, 18, torch.float32, CPU)
+    check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.float32)
+
+
+def test_linear_deterministic():
+    M, spans = named_layouts(TM)["mixed"]
+    is_image = mask_from_runs(M, spans)
+    runs = []
+    for _ in range(2):
+        x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 24, 20, torch.float32, CPU)
+        y = modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
+        runs.append([y] + list(torch.autograd.grad(y.sum(), [x, w_t, b_t, w_i, b_i])))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_linear_empty_tokens():
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((0,), 8, 5, torch.float32, CPU)
+    y = modality_linear(x, torch.zeros(0, dtype=torch.bool), w_t, b_t, w_i, b_i, backend="triton")
+    assert y.shape == (0, 5)
+    gx, gw = torch.autograd.grad(y.sum(), [x, w_t])
+    assert gx.shape == (0, 8) and bool((gw == 0).all())
+
+
+def test_linear_float64_rejected():
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((4,), 8, 5, torch.float64, CPU)
+    with pytest.raises(TypeError, match="x: backend='triton'"):
+        modality_linear(x, torch.zeros(4, dtype=torch.bool), w_t, b_t, w_i, b_i, backend="triton")
+
+
+# ----------------------------------------------------------------------------- modality_qkv
+def rope_tables(T, D, device=CPU, dtype=torch.float32, batch=None):
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+    if batch is not None:  # a per-sequence table, e.g. position ids offset by a per-batch shift
+        shift = torch.arange(batch, dtype=torch.float64)[:, None, None] * 3
+        emb_b = (torch.arange(T, dtype=torch.float64)[None, :, None] + shift) * inv
+        emb_b = torch.cat([emb_b, emb_b], -1)
+        cos, sin = emb_b.cos().to(device, dtype), emb_b.sin().to(device, dtype)
+    return cos, sin
+
+
+def check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, dtype, which_grads=(True, True, True)):
+    inputs = [x, w_t, b_t, w_i, b_i]
+    out = modality_qkv(x, is_image, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, backend="triton")
+    in64 = [_f64(t) for t in inputs]
+    c64 = None if cos is None else cos.double()
+    s64 = None if sin is None else sin.double()
+    ref64 = modality_qkv_reference(in64[0], is_image, in64[1], in64[2], in64[3], in64[4], H, Hkv, c64, s64)
+    ref_lp = modality_qkv_reference(x, is_image, w_t, b_t, w_i, b_i, H, Hkv, cos, sin)
+    for name, a, b, c in zip("qkv", out, ref64, ref_lp):
+        assert a.shape == b.shape and a.is_contiguous(), name
+        assert_close_to_f64(a, b, c, dtype, name)
+    gen = torch.Generator().manual_seed(3)
+    g = [torch.randn(o.shape, generator=gen).to(o.device, dtype) for o in out]
+    # a loss that uses only some of q/k/v gives None output grads to the backward
+    use = [i for i, w in enumerate(which_grads) if w]
+    got = grads([out[i] for i in use], inputs, [g[i] for i in use])
+    exp = grads([ref64[i] for i in use], in64, [g[i].double() for i in use])
+    exp_lp = grads([ref_lp[i] for i in use], inputs, [g[i] for i in use])
+    for name, a, b, c in zip(("dx", "dw_text", "db_text", "dw_image", "db_image"), got, exp, exp_lp):
+        if b is None:
+            assert a is None, name
+            continue
+        assert_close_to_f64(a, b, c, dtype, name)
+
+
+QKV_CASES = [
+    # (lead shape, H, Hkv, D, hidden, rope kind)
+    ((2, TM + 3), 4, 2, 8, 24, None),
+    ((2, TM + 3), 4, 2, 8, 24, "shared"),
+    ((2, TM + 3), 2, 1, 12, 20, "batched"),  # D/2 = 6: masked half tiles
+    ((TM * 2 + 5,), 2, 2, 32, 16, "packed"),  # several tiles per head
+    ((TM + 1,), 3, 1, 6, 10, None),  # odd column count per head region
+]
+
+
+@pytest.mark.parametrize("case", QKV_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-H{c[1]}-Hkv{c[2]}-D{c[3]}-{c[5]}")
+def test_qkv_fp32(case, poison):
+    lead, H, Hkv, D, hidden, rope = case
+    N = (H + 2 * Hkv) * D
+    is_image = torch.zeros(lead, dtype=torch.bool)
+    flat = is_image.view(-1)
+    flat[3:TM + 5] = True
+    flat[-2:] = True
+    x, w_t, b_t, w_i, b_i = make_linear_inputs(lead, hidden, N, torch.float32, CPU)
+    T = lead[-1]
+    cos = sin = None
+    if rope == "shared":
+        cos, sin = rope_tables(T, D)
+    elif rope == "batched":
+        cos, sin = rope_tables(T, D, batch=lead[0])
+    elif rope == "packed":
+        cos, sin = rope_tables(T, D)
+    check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float32)
+
+
+def test_qkv_fp16_rope_partial_grads(poison):
+    lead, H, Hkv, D, hidden = (2, TM + 3), 4, 2, 16, 24
+    is_image = torch.zeros(lead, dtype=torch.bool)
+    is_image[:, 2:TM] = True
+    x, w_t, b_t, w_i, b_i = make_linear_inputs(lead, hidden, (H + 2 * Hkv) * D, torch.float16, CPU)
+    cos, sin = rope_tables(lead[-1], D)
+    check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float16, which_grads=(True, False, True))
+
+
+def test_qkv_odd_head_dim_with_rope_rejected():
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((4,), 8, 15, torch.float32, CPU)
+    cos, sin = torch.ones(4, 3), torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="even head dim"):
+        modality_qkv(x, torch.zeros(4, dtype=torch.bool), w_t, b_t, w_i, b_i, 3, 1, cos, sin, backend="triton")
+
+
+# ----------------------------------------------------------------------------- custom-op checks
+def _opcheck_inputs():
+    M = TM + 5
+    is_image = mask_from_runs(M, [(2, TM)])
+    x = torch.randn(M, 16, requires_grad=True)
+    w_t, w_i = torch.randn(24, 16, requires_grad=True), torch.randn(24, 16, requires_grad=True)
+    b_t, b_i = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    return is_image, x, w_t, b_t, w_i, b_i
+
+
+def test_opcheck_linear():
+    is_image, x, w_t, b_t, w_i, b_i = _opcheck_inputs()
+    table = mlt.ml_tile_table(is_image)
+    torch.library.opcheck(mlt.ml_tile_table, (is_image,))
+    torch.library.opcheck(mlt.ml_linear, (x, table, w_t, b_t, w_i, b_i))
+    torch.library.opcheck(mlt.ml_linear, (x, table, w_t, None, w_i, b_i))
+    dy = torch.randn(x.shape[0], 24)
+    torch.library.opcheck(mlt.ml_linear_dx, (dy, table, w_t.detach(), w_i.detach()))
+    torch.library.opcheck(mlt.ml_linear_dw, (dy, x.detach(), table))
+
+
+def test_opcheck_qkv():
+    is_image, x, w_t, b_t, w_i, b_i = _opcheck_inputs()
+    table = mlt.ml_tile_table(is_image)
+    H, Hkv, D = 2, 1, 6
+    cos, sin = rope_tables(x.shape[0], D)
+    torch.library.opcheck(mlt.ml_qkv, (x, table, w_t, b_t, w_i, b_i, cos, sin, H, Hkv))
+    torch.library.opcheck(mlt.ml_qkv, (x, table, w_t, None, w_i, None, None, None, H, Hkv))
+    dq, dk, dv = torch.randn(x.shape[0], H, D), torch.randn(x.shape[0], Hkv, D), torch.randn(x.shape[0], Hkv, D)
+    torch.library.opcheck(mlt.ml_qkv_grad, (dq, dk, dv, cos, sin, H, Hkv))
+
+
+def test_torch_compile_fullgraph():
+    # aot_eager: traces the custom ops, their fake kernels and the autograd registration exactly
+    # as inductor does; inductor itself would also build C++ for the surrounding torch ops, which
+    # costs minutes on this CPU box without testing anything more of our ops (they stay opaque).
+    is_image, x, w_t, b_t, w_i, b_i = _opcheck_inputs()
+    H, Hkv, D = 2, 1, 6
+    cos, sin = rope_tables(x.shape[0], D)
+
+    def f(x, w_t, b_t, w_i, b_i):
+        y = modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
+        q, k, v = modality_qkv(x, is_image, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, backend="triton")
+        return y.square().sum() + (q * 2).sum() + k.square().sum() + (v * 3).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    inputs = [x, w_t, b_t, w_i, b_i]
+    got = compiled(*inputs)
+    g_got = torch.autograd.grad(got, inputs)
+    exp = f(*inputs)
+    g_exp = torch.autograd.grad(exp, inputs)
+    torch.testing.assert_close(got, exp)
+    for a, b in zip(g_got, g_exp):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- GPU tier (bf16)
+GPU = torch.device("cuda") if HAS_CUDA else None
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", list(named_layouts(128)))
+def test_gpu_linear_bf16(name):
+    M, spans = named_layouts(128)[name]
+    is_image = mask_from_runs(M, spans, GPU)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 200, 328, torch.bfloat16, GPU)
+    check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.bfloat16)
+
+
+@requires_cuda
+def test_gpu_linear_bf16_3d_split():
+    B, T = 3, 700
+    is_image = torch.zeros(B, T, dtype=torch.bool, device=GPU)
+    is_image[:, 35:35 + 300] = True
+    is_image[2, 600:601] = True
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((B, T), 96, 72, torch.bfloat16, GPU)  # small N x K: dW splits
+    assert mlt._dw_split(B * T, 72, 96, GPU) > 1
+    check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.parametrize("rope", [False, True])
+def test_gpu_qkv_bf16(rope):
+    B, T, H, Hkv, D, hidden = 2, 300, 4, 2, 128, 256
+    is_image = torch.zeros(B, T, dtype=torch.bool, device=GPU)
+    is_image[:, 20:20 + 150] = True
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((B, T), hidden, (H + 2 * Hkv) * D, torch.bfloat16, GPU)
+    cos, sin = rope_tables(T, D, GPU) if rope else (None, None)
+    check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.bfloat16)
+
+
+@requires_cuda
+def test_gpu_no_host_sync_and_cuda_graph():
+    M, spans = named_layouts(128)["mixed"]
+    is_image = mask_from_runs(M, spans, GPU)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 256, 256, torch.bfloat16, GPU)
+    y = modality_linear(x, is_image, w_t, b_t, w_i, b_i)  # autotunes outside the checks
+    y.sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        modality_linear(x.detach(), is_image, w_t.detach(), b_t.detach(), w_i.detach(), b_i.detach())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    xs, wts, wis = x.detach(), w_t.detach(), w_i.detach()
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        modality_linear(xs, is_image, wts, None, wis, None)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        out = modality_linear(xs, is_image, wts, None, wis, None)
+    is_image.logical_not_()  # a new layout in the same buffer: the replay must follow it
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = modality_linear_reference(xs, is_image, wts, None, wis, None)
+    torch.testing.assert_close(out.float(), ref.float(), atol=5e-2, rtol=2e-2)
