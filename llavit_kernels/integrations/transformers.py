@@ -31,13 +31,12 @@ to load from elsewhere, or ``weights=None`` to initialise them as copies of the 
 
 Generation: ``generate()`` works unchanged with transformers' DynamicCache. The prefill step runs
 span attention over the whole prompt (images bidirectional); decode steps attend to the cached
-keys causally. A prefill split into chunks must not cut an image: the layout of a chunk makes its
-own image spans bidirectional only within the chunk, so ``LlavitLayoutSource`` raises when a chunk
-ends inside an image run (``input_ids`` of the chunk end on an image token and the next chunk would
-continue it cannot be seen from one chunk; we check the visible half: an image run touching the
-chunk's END with more image tokens to come is the caller's responsibility, see docs/integration.md).
-Static caches (fixed-size key buffers) are not supported: the keys must be exactly the cached plus
-the new tokens.
+keys causally (the layout of a step is built with ``past_length`` = cached keys, read from the key
+shape after the cache update: no sync). A prefill split into chunks (several forward calls on one
+cache) must not cut an image: the converted forward remembers on the cache whether the last token
+of a call was an image token and raises when the next multi-token chunk starts with an image
+token. Static caches (fixed-size key buffers) are not supported: the keys must be exactly the
+cached plus the new tokens.
 
 Mask-only mode: ``attn_implementation="llavit"`` (registered in transformers' ``AttentionInterface``
 and ``AttentionMaskInterface`` on import) keeps the stock attention modules and weights and swaps
@@ -57,6 +56,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
+from .._checks import should_validate_values
 from ..layout import SpanLayout
 from ..nn.attention import LlavitAttention
 from ..ops import span_attention
@@ -313,7 +313,11 @@ def _llavit_forward(model, *args, **kwargs):
     original = model.__dict__.get("_llavit_original_forward")
     call = original if original is not None else functools.partial(type(model).forward, model)
     if kwargs.get(LAYOUT_KWARG) is None:
-        bound = inspect.signature(type(model).forward).bind_partial(model, *args, **kwargs).arguments
+        bound = dict(inspect.signature(type(model).forward).bind_partial(model, *args, **kwargs).arguments)
+        extra = bound.pop("kwargs", None)  # names a version takes only through **kwargs (renamed arguments)
+        if isinstance(extra, dict):
+            for key, value in extra.items():
+                bound.setdefault(key, value)
         input_ids = bound.get("input_ids")
         attention_mask = bound.get("attention_mask")
         if image_mask is None:
@@ -324,12 +328,44 @@ def _llavit_forward(model, *args, **kwargs):
                 )
             image_mask = input_ids == model._llavit_image_token_id
         kwargs[LAYOUT_KWARG] = LlavitLayoutSource(image_mask, attention_mask, span_ids)
+        cache = next((bound[k] for k in ("cache", "past_key_values", "past_key_value") if bound.get(k) is not None), None)
+        _check_chunk_boundary(cache, image_mask)
     state = model._llavit_state
     previous, state.current = state.current, kwargs[LAYOUT_KWARG]
     try:
         return call(*args, **kwargs)
     finally:
         state.current = previous
+
+
+def _check_chunk_boundary(cache, image_mask: torch.Tensor) -> None:
+    """Raise when a multi-token chunk continues an image that the previous chunk ended inside.
+
+    The image modality of the last token of every call is remembered on the cache object. Such a
+    split would make the image causal across the chunk boundary (its first part cannot see the
+    second), silently changing the model; chunk boundaries must fall between images. Single-token
+    (decode) steps are not checked. The check reads values (one host sync per call, not per layer)
+    and is skipped under torch.compile / CUDA-graph capture, like the layout's own value checks.
+    """
+    if cache is None or image_mask.shape[1] == 0:
+        return
+    previous_last = getattr(cache, "_llavit_last_is_image", None)
+    if (
+        previous_last is not None
+        and image_mask.shape[1] > 1
+        and previous_last.shape[0] == image_mask.shape[0]
+        and should_validate_values()
+        and bool((previous_last & image_mask[:, 0]).any())
+    ):
+        raise ValueError(
+            "llavit: this prefill chunk starts inside an image that the previous chunk ended in; images are "
+            "bidirectional only within one forward call, so chunk boundaries must fall between images "
+            "(move the boundary before the image's first token)"
+        )
+    try:
+        cache._llavit_last_is_image = image_mask[:, -1]
+    except AttributeError:  # a cache type that refuses new attributes: no check possible
+        pass
 
 
 def _wrap_forward(model, image_token_id: int, state: _ForwardState) -> None:
