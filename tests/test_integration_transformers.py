@@ -380,3 +380,40 @@ def test_bad_inputs_raise_clear_errors():
         attn(hidden, (cos, sin), None, llavit_layout=LlavitLayoutSource(torch.zeros(2, 20, dtype=torch.bool)))
     with pytest.raises(RuntimeError, match="no layout"):
         attn(hidden, (cos, sin), None)
+
+
+# ---------------------------------------------------------------------------- convergence
+def test_convergence_tiny_llava_follows_reference_loss_curve():
+    """30 AdamW steps after conversion: the loss curve follows the HF-mask reference's and falls."""
+    plain = make_llava("qwen2")
+    model = convert(plain).train()
+    ref = build_reference(plain, model).train()
+    gen = torch.Generator().manual_seed(7)
+    batches = []
+    for i in range(4):
+        ids, mask = image_batch(length=26, starts=(1 + i, 7 - i), pad_left=(0, i % 3))
+        ids = torch.where(ids == IMAGE_ID, ids, torch.randint(0, 20, ids.shape, generator=gen))  # learnable text
+        labels = torch.where((ids == IMAGE_ID) | (mask == 0), -100, ids)
+        labels[:, 1:][mask[:, :-1] == 0] = -100
+        batches.append((ids, mask, labels, torch.randn(2, 3, 28, 28, generator=gen)))
+    curves = {}
+    for name, net in (("llavit", model), ("reference", ref)):
+        optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+        losses = []
+        for step in range(30):
+            ids, mask, labels, pixels = batches[step % len(batches)]
+            if name == "llavit":
+                loss = net(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels).loss
+            else:
+                loss = reference_forward(net, ids, mask, labels=labels, pixel_values=pixels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        curves[name] = torch.tensor(losses)
+    ours, want = curves["llavit"], curves["reference"]
+    assert ours[-4:].mean() < 0.8 * ours[:4].mean(), ours
+    torch.testing.assert_close(ours, want, rtol=2e-3, atol=2e-3)
+    # the image weights were trained away from the text ones (they receive their own gradients)
+    attn = model.model.language_model.layers[0].self_attn
+    assert not torch.allclose(attn.q_proj_image.weight, attn.q_proj.weight)
