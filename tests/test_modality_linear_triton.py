@@ -24,11 +24,13 @@ from llavit_kernels.ops.modality_linear import (
 )
 
 CPU = torch.device("cpu")
+# The interpreter tier runs on CPU; on a GPU machine (no interpreter) the same tests run on CUDA.
+DEV = torch.device("cuda") if HAS_CUDA else CPU
 TM = kern.TILE_M
 
 
 # ----------------------------------------------------------------------------- helpers
-def mask_from_runs(M: int, spans, device=CPU) -> torch.Tensor:
+def mask_from_runs(M: int, spans, device=DEV) -> torch.Tensor:
     m = torch.zeros(M, dtype=torch.bool, device=device)
     for start, length in spans:
         m[start:start + length] = True
@@ -153,18 +155,18 @@ def test_tile_table_fuzz(bits, tm):
 def test_linear_fp32_layouts(name, poison):
     M, spans = named_layouts(TM)[name]
     is_image = mask_from_runs(M, spans)
-    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 24, 20, torch.float32, CPU)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 24, 20, torch.float32, DEV)
     check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.float32)
 
 
 def test_linear_3d_odd_widths_one_bias(poison):
     # [B, T, K] input, widths not multiples of the tile, only the image bias, SpanLayout input
     B, T = 2, TM + 3
-    is_image = torch.zeros(B, T, dtype=torch.bool)
+    is_image = torch.zeros(B, T, dtype=torch.bool, device=DEV)
     is_image[0, 2:TM + 1] = True
     is_image[1, T - 1] = True
     layout = SpanLayout.from_image_mask(is_image)
-    x, w_t, b_t, w_i, b_i = make_linear_inputs((B, T), 19, 33, torch.float32, CPU, bias=(False, True))
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((B, T), 19, 33, torch.float32, DEV, bias=(False, True))
     check_linear(layout.is_image, x, w_t, b_t, w_i, b_i, torch.float32)
     y = modality_linear(x, layout, w_t, b_t, w_i, b_i, backend="triton")
     assert y.shape == (B, T, 33)
@@ -172,20 +174,20 @@ def test_linear_3d_odd_widths_one_bias(poison):
 
 def test_linear_no_bias_fp16(poison):
     M, spans = named_layouts(TM)["mixed"]
-    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 32, 24, torch.float16, CPU, bias=(False, False))
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 32, 24, torch.float16, DEV, bias=(False, False))
     check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.float16)
 
 
 def test_linear_fp16_bias(poison):
     M, spans = named_layouts(TM)["one_token_spans"]
-    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 40, 17, torch.float16, CPU)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 40, 17, torch.float16, DEV)
     check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.float16)
 
 
 def test_linear_bf16_upcast_in_interpreter(poison):
     # bf16 dots run in fp32 under the interpreter; stores truncate there, so only the loose bf16 bound
     M, spans = named_layouts(TM)["mixed"]
-    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 24, 20, torch.bfloat16, CPU)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 24, 20, torch.bfloat16, DEV)
     check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.bfloat16)
 
 
@@ -196,8 +198,8 @@ def test_linear_bf16_upcast_in_interpreter(poison):
     st.integers(1, 37),
 )
 def test_linear_fuzz(runs, K, N):
-    is_image = torch.cat([torch.full((n,), img, dtype=torch.bool) for img, n in runs])
-    x, w_t, b_t, w_i, b_i = make_linear_inputs((is_image.numel(),), K, N, torch.float32, CPU)
+    is_image = torch.cat([torch.full((n,), img, dtype=torch.bool, device=DEV) for img, n in runs])
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((is_image.numel(),), K, N, torch.float32, DEV)
     check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.float32)
 
 
@@ -205,7 +207,7 @@ def test_linear_dw_split_path(monkeypatch, poison):
     # the GPU splits the token reduction of dW when N x K is small; force it here (3 splits)
     monkeypatch.setattr(mlt, "_dw_split", lambda M, N, K, device: 3)
     M, spans = named_layouts(TM)["mixed"]
-    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 20, 18, torch.float32, CPU)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 20, 18, torch.float32, DEV)
     check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.float32)
 
 
@@ -214,7 +216,7 @@ def test_linear_deterministic():
     is_image = mask_from_runs(M, spans)
     runs = []
     for _ in range(2):
-        x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 24, 20, torch.float32, CPU)
+        x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 24, 20, torch.float32, DEV)
         y = modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
         runs.append([y] + list(torch.autograd.grad(y.sum(), [x, w_t, b_t, w_i, b_i])))
     for a, b in zip(*runs):
@@ -222,21 +224,21 @@ def test_linear_deterministic():
 
 
 def test_linear_empty_tokens():
-    x, w_t, b_t, w_i, b_i = make_linear_inputs((0,), 8, 5, torch.float32, CPU)
-    y = modality_linear(x, torch.zeros(0, dtype=torch.bool), w_t, b_t, w_i, b_i, backend="triton")
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((0,), 8, 5, torch.float32, DEV)
+    y = modality_linear(x, torch.zeros(0, dtype=torch.bool, device=DEV), w_t, b_t, w_i, b_i, backend="triton")
     assert y.shape == (0, 5)
     gx, gw = torch.autograd.grad(y.sum(), [x, w_t])
     assert gx.shape == (0, 8) and bool((gw == 0).all())
 
 
 def test_linear_float64_rejected():
-    x, w_t, b_t, w_i, b_i = make_linear_inputs((4,), 8, 5, torch.float64, CPU)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((4,), 8, 5, torch.float64, DEV)
     with pytest.raises(TypeError, match="x: backend='triton'"):
-        modality_linear(x, torch.zeros(4, dtype=torch.bool), w_t, b_t, w_i, b_i, backend="triton")
+        modality_linear(x, torch.zeros(4, dtype=torch.bool, device=DEV), w_t, b_t, w_i, b_i, backend="triton")
 
 
 # ----------------------------------------------------------------------------- modality_qkv
-def rope_tables(T, D, device=CPU, dtype=torch.float32, batch=None):
+def rope_tables(T, D, device=DEV, dtype=torch.float32, batch=None):
     inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv
     emb = torch.cat([ang, ang], -1)
@@ -288,11 +290,11 @@ QKV_CASES = [
 def test_qkv_fp32(case, poison):
     lead, H, Hkv, D, hidden, rope = case
     N = (H + 2 * Hkv) * D
-    is_image = torch.zeros(lead, dtype=torch.bool)
+    is_image = torch.zeros(lead, dtype=torch.bool, device=DEV)
     flat = is_image.view(-1)
     flat[3:TM + 5] = True
     flat[-2:] = True
-    x, w_t, b_t, w_i, b_i = make_linear_inputs(lead, hidden, N, torch.float32, CPU)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs(lead, hidden, N, torch.float32, DEV)
     T = lead[-1]
     cos = sin = None
     if rope == "shared":
@@ -306,27 +308,27 @@ def test_qkv_fp32(case, poison):
 
 def test_qkv_fp16_rope_partial_grads(poison):
     lead, H, Hkv, D, hidden = (2, TM + 3), 4, 2, 16, 24
-    is_image = torch.zeros(lead, dtype=torch.bool)
+    is_image = torch.zeros(lead, dtype=torch.bool, device=DEV)
     is_image[:, 2:TM] = True
-    x, w_t, b_t, w_i, b_i = make_linear_inputs(lead, hidden, (H + 2 * Hkv) * D, torch.float16, CPU)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs(lead, hidden, (H + 2 * Hkv) * D, torch.float16, DEV)
     cos, sin = rope_tables(lead[-1], D)
     check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float16, which_grads=(True, False, True))
 
 
 def test_qkv_odd_head_dim_with_rope_rejected():
-    x, w_t, b_t, w_i, b_i = make_linear_inputs((4,), 8, 15, torch.float32, CPU)
-    cos, sin = torch.ones(4, 3), torch.zeros(4, 3)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((4,), 8, 15, torch.float32, DEV)
+    cos, sin = torch.ones(4, 3, device=DEV), torch.zeros(4, 3, device=DEV)
     with pytest.raises(ValueError, match="even head dim"):
-        modality_qkv(x, torch.zeros(4, dtype=torch.bool), w_t, b_t, w_i, b_i, 3, 1, cos, sin, backend="triton")
+        modality_qkv(x, torch.zeros(4, dtype=torch.bool, device=DEV), w_t, b_t, w_i, b_i, 3, 1, cos, sin, backend="triton")
 
 
 # ----------------------------------------------------------------------------- custom-op checks
 def _opcheck_inputs():
     M = TM + 5
     is_image = mask_from_runs(M, [(2, TM)])
-    x = torch.randn(M, 16, requires_grad=True)
-    w_t, w_i = torch.randn(24, 16, requires_grad=True), torch.randn(24, 16, requires_grad=True)
-    b_t, b_i = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    x = torch.randn(M, 16, device=DEV, requires_grad=True)
+    w_t, w_i = (torch.randn(24, 16, device=DEV, requires_grad=True) for _ in range(2))
+    b_t, b_i = (torch.randn(24, device=DEV, requires_grad=True) for _ in range(2))
     return is_image, x, w_t, b_t, w_i, b_i
 
 
@@ -336,7 +338,7 @@ def test_opcheck_linear():
     torch.library.opcheck(mlt.ml_tile_table, (is_image,))
     torch.library.opcheck(mlt.ml_linear, (x, table, w_t, b_t, w_i, b_i))
     torch.library.opcheck(mlt.ml_linear, (x, table, w_t, None, w_i, b_i))
-    dy = torch.randn(x.shape[0], 24)
+    dy = torch.randn(x.shape[0], 24, device=DEV)
     torch.library.opcheck(mlt.ml_linear_dx, (dy, table, w_t.detach(), w_i.detach()))
     torch.library.opcheck(mlt.ml_linear_dw, (dy, x.detach(), table))
 
@@ -348,7 +350,8 @@ def test_opcheck_qkv():
     cos, sin = rope_tables(x.shape[0], D)
     torch.library.opcheck(mlt.ml_qkv, (x, table, w_t, b_t, w_i, b_i, cos, sin, H, Hkv))
     torch.library.opcheck(mlt.ml_qkv, (x, table, w_t, None, w_i, None, None, None, H, Hkv))
-    dq, dk, dv = torch.randn(x.shape[0], H, D), torch.randn(x.shape[0], Hkv, D), torch.randn(x.shape[0], Hkv, D)
+    dq = torch.randn(x.shape[0], H, D, device=DEV)
+    dk, dv = (torch.randn(x.shape[0], Hkv, D, device=DEV) for _ in range(2))
     torch.library.opcheck(mlt.ml_qkv_grad, (dq, dk, dv, cos, sin, H, Hkv))
 
 
