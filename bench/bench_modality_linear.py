@@ -1,0 +1,290 @@
+"""modality_linear / modality_qkv (Triton) against the dense-GEMM floor and the peers' ways.
+
+    python bench/bench_modality_linear.py [--smoke] [--out DIR]
+
+Providers, one run, same inputs (bf16 on CUDA):
+  triton          ours: tile table + routed GEMM (llavit_kernels, backend="triton")
+  dense_gemm      one F.linear of the same size: the floor (no routing at all)
+  where_2gemm     both GEMMs + torch.where (twice the FLOPs; the reference)
+  index_scatter   boolean index + two partial GEMMs + scatter (CogVLM style; host sync)
+  grouped_mm      tokens sorted by modality + torch._grouped_mm (+ un-permute), where available
+Shapes: Qwen2.5-7B QKV (3584 -> 4608) and 3B (2048 -> 2560) at 16384 tokens = 8 x 2048 with one
+576-token image at position 35 per sequence (28% image); sweeps over tokens and image share (7B).
+Modes: fwd and fwd+bwd (grads of x, both weights, both biases). QKV: fused projection writing
+q/k/v (+RoPE in the epilogue) vs the unfused sequence (projection, split, reshape, rotary, copies).
+FLOPs are the useful work, 2*M*K*N forward (x3 fwd+bwd), for every provider.
+On CPU (``--smoke``, the default there) tiny shapes run through Triton's interpreter: a check that
+the script works, not a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # the interpreter flag must be set before the kernels are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import (  # noqa: E402
+    benchmark_ms,
+    default_device,
+    make_record,
+    peak_memory_bytes,
+    plot_results,
+    print_table,
+    save_results,
+    smoke_mode,
+    synchronize,
+)
+
+from llavit_kernels.ops.modality_linear import apply_rotary, modality_linear, modality_qkv  # noqa: E402
+
+OP = "modality_linear"
+
+
+# ----------------------------------------------------------------------------- cases
+def image_mask(batch, tokens, spans, device):
+    m = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
+    for start, length in spans:
+        m[:, start:start + length] = True
+    return m
+
+
+def share_mask(batch, tokens, share, device):
+    """A few contiguous image spans per sequence covering ``share`` of its tokens."""
+    n_img = int(round(tokens * share))
+    if n_img >= tokens:
+        return torch.ones(batch, tokens, dtype=torch.bool, device=device)
+    if n_img == 0:
+        return torch.zeros(batch, tokens, dtype=torch.bool, device=device)
+    spans, per, gap = [], max(n_img // 3, 1), (tokens - n_img) // 4
+    pos, left = gap, n_img
+    while left > 0:
+        length = min(per, left)
+        spans.append((pos, length))
+        pos, left = pos + length + gap, left - length
+    return image_mask(batch, tokens, spans, device)
+
+
+def main_cases(smoke):
+    if smoke:
+        return [dict(name="smoke", B=2, T=40, K=32, N=48, spans=[(3, 11)])]
+    return [
+        dict(name="7B", B=8, T=2048, K=3584, N=4608, spans=[(35, 576)]),
+        dict(name="3B", B=8, T=2048, K=2048, N=2560, spans=[(35, 576)]),
+    ]
+
+
+def sweep_cases(smoke):
+    if smoke:
+        return [dict(name="smoke", B=1, T=48, K=32, N=32, share=s) for s in (0.0, 0.5)]
+    cases = [dict(name="7B", B=b, T=2048, K=3584, N=4608, share=0.28) for b in (2, 4, 16)]
+    cases += [dict(name="7B", B=8, T=2048, K=3584, N=4608, share=s) for s in (0.0, 0.1, 0.5, 0.9, 1.0)]
+    return cases
+
+
+def qkv_cases(smoke):
+    if smoke:
+        return [dict(name="smoke", B=2, T=24, hidden=32, H=2, Hkv=1, D=16, spans=[(2, 9)])]
+    return [
+        dict(name="7B", B=8, T=2048, hidden=3584, H=28, Hkv=4, D=128, spans=[(35, 576)]),
+        dict(name="3B", B=8, T=2048, hidden=2048, H=16, Hkv=2, D=128, spans=[(35, 576)]),
+    ]
+
+
+# ----------------------------------------------------------------------------- providers
+def linear_providers(x, is_image, w_t, b_t, w_i, b_i):
+    M = is_image.numel()
+
+    def triton_ours():
+        return modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
+
+    def dense_gemm():
+        return F.linear(x, w_t, b_t)
+
+    def where_2gemm():
+        return modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="reference")
+
+    def index_scatter():
+        img = is_image.reshape(-1)
+        x2 = x.reshape(M, -1)
+        y_text = F.linear(x2[~img], w_t, b_t)
+        y_img = F.linear(x2[img], w_i, b_i)
+        out = torch.zeros(M, w_t.shape[0], device=x.device, dtype=x.dtype)
+        out = out.index_put((~img,), y_text).index_put((img,), y_img)  # out-of-place: autograd-safe
+        return out.view(*x.shape[:-1], -1)
+
+    # weights stored stacked once (as a model using grouped_mm would), [2, K, N] with K contiguous
+    w_stack = torch.stack([w_t.detach(), w_i.detach()]).transpose(-2, -1).requires_grad_(w_t.requires_grad)
+
+    def grouped_mm():
+        if not hasattr(torch, "_grouped_mm"):
+            raise RuntimeError("torch._grouped_mm not available in this torch")
+        img = is_image.reshape(-1)
+        perm = torch.argsort(img.to(torch.int8), stable=True)
+        offs = torch.stack([(~img).sum(), torch.tensor(M, device=x.device)]).to(torch.int32)
+        y_sorted = torch._grouped_mm(x.reshape(M, -1)[perm], w_stack, offs=offs)
+        y = y_sorted.index_select(0, torch.argsort(perm))
+        y = y + torch.where(img[:, None], b_i, b_t)
+        return y.view(*x.shape[:-1], -1)
+
+    providers = {"triton": triton_ours, "dense_gemm": dense_gemm, "where_2gemm": where_2gemm,
+                 "index_scatter": index_scatter, "grouped_mm": grouped_mm}
+    return providers, [x, w_t, b_t, w_i, b_i, w_stack]
+
+
+def _fwd_bwd(fn, params):
+    """One training step of the projection: forward, then backward into every parameter it uses.
+
+    Output gradients are made once; ``.grad`` is reset (not accumulated) so no provider pays an add.
+    """
+    out_grads = []
+
+    def run():
+        for p in params:
+            p.grad = None
+        out = fn()
+        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        if not out_grads:
+            out_grads.extend(torch.randn_like(o) for o in outs)
+        torch.autograd.backward(outs, out_grads)
+    return run
+
+
+def measure(fn, device, smoke, **record):
+    try:
+        fn()  # compiles / autotunes outside timing
+        synchronize(device)
+        if smoke:
+            ms = benchmark_ms(fn, device, warmup=0, rep=1)
+        else:
+            ms = benchmark_ms(fn, device)
+        peak = peak_memory_bytes(fn, device)
+        return make_record(ms=ms, peak_memory=peak, device=device, **record)
+    except Exception as exc:  # noqa: BLE001 - an unavailable peer becomes a record with its error
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return make_record(ms=None, device=device, error=f"{type(exc).__name__}: {exc}"[:300], **record)
+
+
+def make_linear_inputs(B, T, K, N, device, dtype, requires_grad):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, T, K, device=device, dtype=dtype, generator=g)
+    w_t = torch.randn(N, K, device=device, dtype=dtype, generator=g) * K ** -0.5
+    w_i = torch.randn(N, K, device=device, dtype=dtype, generator=g) * K ** -0.5
+    b_t = torch.randn(N, device=device, dtype=dtype, generator=g)
+    b_i = torch.randn(N, device=device, dtype=dtype, generator=g)
+    return [t.requires_grad_(requires_grad) for t in (x, w_t, b_t, w_i, b_i)]
+
+
+def bench_linear_case(case, is_image, device, dtype, smoke, providers=None, op=OP):
+    B, T, K, N = case["B"], case["T"], case["K"], case["N"]
+    M = B * T
+    share = round(float(is_image.float().mean()), 3)
+    shape = {"case": case["name"], "share": share, "M": M, "K": K, "N": N}
+    records = []
+    for mode in ("fwd", "fwd+bwd"):
+        train = mode == "fwd+bwd"
+        x, w_t, b_t, w_i, b_i = make_linear_inputs(B, T, K, N, device, dtype, train)
+        flops = 2.0 * M * K * N * (3 if train else 1)
+        provs, params = linear_providers(x, is_image, w_t, b_t, w_i, b_i)
+        for name, fn in provs.items():
+            if providers is not None and name not in providers:
+                continue
+            run = _fwd_bwd(fn, params) if train else torch.no_grad()(fn)
+            records.append(measure(run, device, smoke, op=op, provider=name, shape=shape, dtype=dtype,
+                                   mode=mode, flops=flops))
+        del x, w_t, b_t, w_i, b_i, provs, params
+    return records
+
+
+def rope_tables(T, D, device):
+    inv = 1.0 / (1000000.0 ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
+    ang = torch.arange(T, device=device, dtype=torch.float32)[:, None] * inv
+    emb = torch.cat([ang, ang], -1)
+    return emb.cos(), emb.sin()
+
+
+def bench_qkv_case(case, device, dtype, smoke):
+    B, T, hidden, H, Hkv, D = (case[k] for k in ("B", "T", "hidden", "H", "Hkv", "D"))
+    N = (H + 2 * Hkv) * D
+    M = B * T
+    is_image = image_mask(B, T, case["spans"], device)
+    cos, sin = rope_tables(T, D, device)
+    cos_b, sin_b = cos.to(dtype), sin.to(dtype)
+    shape = {"case": case["name"], "M": M, "hidden": hidden, "H": H, "Hkv": Hkv, "D": D}
+    records = []
+    for mode in ("fwd", "fwd+bwd"):
+        train = mode == "fwd+bwd"
+        x, w_t, b_t, w_i, b_i = make_linear_inputs(B, T, hidden, N, device, dtype, train)
+        flops = 2.0 * M * hidden * N * (3 if train else 1)
+
+        def fused_rope():
+            return modality_qkv(x, is_image, w_t, b_t, w_i, b_i, H, Hkv, cos_b, sin_b, backend="triton")
+
+        def fused_no_rope():
+            return modality_qkv(x, is_image, w_t, b_t, w_i, b_i, H, Hkv, backend="triton")
+
+        def unfused_rope():  # our projection, then the usual HF sequence: split, view, rotary, copies
+            y = modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
+            q, k, v = y.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = apply_rotary(q.reshape(B, T, H, D), cos_b, sin_b)
+            k = apply_rotary(k.reshape(B, T, Hkv, D), cos_b, sin_b)
+            return q.contiguous(), k.contiguous(), v.reshape(B, T, Hkv, D).contiguous()
+
+        def dense_rope():  # the floor for the whole step: one GEMM + the same rotary sequence
+            y = F.linear(x, w_t, b_t)
+            q, k, v = y.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = apply_rotary(q.reshape(B, T, H, D), cos_b, sin_b)
+            k = apply_rotary(k.reshape(B, T, Hkv, D), cos_b, sin_b)
+            return q.contiguous(), k.contiguous(), v.reshape(B, T, Hkv, D).contiguous()
+
+        for name, fn in (("qkv_fused_rope", fused_rope), ("qkv_fused_no_rope", fused_no_rope),
+                         ("qkv_unfused_rope", unfused_rope), ("dense_gemm_rope", dense_rope)):
+            run = _fwd_bwd(fn, [x, w_t, b_t, w_i, b_i]) if train else torch.no_grad()(fn)
+            records.append(measure(run, device, smoke, op="modality_qkv", provider=name, shape=shape,
+                                   dtype=dtype, mode=mode, flops=flops))
+        del x, w_t, b_t, w_i, b_i
+    return records
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (default on CPU)")
+    parser.add_argument("--out", default=None, help="output folder (default $OUT or bench/results)")
+    args = parser.parse_args(argv)
+    device = default_device()
+    smoke = args.smoke or smoke_mode()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    records = []
+    for case in main_cases(smoke):
+        is_image = image_mask(case["B"], case["T"], case["spans"], device)
+        records += bench_linear_case(case, is_image, device, dtype, smoke)
+    for case in sweep_cases(smoke):
+        is_image = share_mask(case["B"], case["T"], case["share"], device)
+        records += bench_linear_case(case, is_image, device, dtype, smoke,
+                                     providers=("triton", "dense_gemm", "grouped_mm"), op=OP + "_sweep")
+    for case in qkv_cases(smoke):
+        records += bench_qkv_case(case, device, dtype, smoke)
+    print_table([r for r in records if r["op"] == OP], baseline="dense_gemm")
+    print_table([r for r in records if r["op"] == OP + "_sweep"], baseline="dense_gemm")
+    print_table([r for r in records if r["op"] == "modality_qkv"], baseline="dense_gemm_rope")
+    name = "modality_linear" + ("-smoke" if smoke else "")
+    path = save_results(records, name, args.out)
+    plot_results([r for r in records if r["op"] == OP], path.with_suffix(".png"),
+                 title="modality_linear vs dense GEMM floor and peers")
+    print(f"wrote {path}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
