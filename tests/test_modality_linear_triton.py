@@ -442,3 +442,11 @@ def test_gpu_no_host_sync_and_cuda_graph():
     torch.cuda.synchronize()
     ref = modality_linear_reference(xs, is_image, wts, None, wis, None)
     torch.testing.assert_close(out.float(), ref.float(), atol=5e-2, rtol=2e-2)
+
+
+@requires_cuda
+def test_gpu_float64_auto_backend_uses_reference():
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((5,), 8, 6, torch.float64, GPU)
+    is_image = mask_from_runs(5, [(1, 2)], GPU)
+    y = modality_linear(x, is_image, w_t, b_t, w_i, b_i)  # backend=None: no float64 kernels, so reference
+    torch.testing.assert_close(y, modality_linear_reference(x, is_image, w_t, b_t, w_i, b_i))

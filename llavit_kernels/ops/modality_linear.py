@@ -24,6 +24,15 @@ __all__ = [
 ]
 
 LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernels' dtypes (float64: reference)
+
+
+def _pick_backend(backend, x, op_name):
+    """resolve_backend, except that the automatic choice keeps float64 on the reference."""
+    chosen = resolve_backend(backend, x.device, op_name)
+    if backend is None and chosen == "triton" and x.dtype not in TRITON_DTYPES:
+        return "reference"
+    return chosen
 
 
 def _image_mask(layout: Union[SpanLayout, torch.Tensor]) -> torch.Tensor:
@@ -91,7 +100,7 @@ def modality_linear(
     """
     is_image = _image_mask(layout)
     _validate_linear(x, is_image, weight_text, bias_text, weight_image, bias_image)
-    if resolve_backend(backend, x.device, "modality_linear") == "reference":
+    if _pick_backend(backend, x, "modality_linear") == "reference":
         return modality_linear_reference(x, is_image, weight_text, bias_text, weight_image, bias_image)
     from ._modality_linear_triton import modality_linear_triton
 
@@ -127,6 +136,8 @@ def _validate_qkv(x, is_image, weight_text, weight_image, num_heads, num_kv_head
     if (cos is None) != (sin is None):
         raise ValueError("cos, sin: expected both or neither, got only one")
     if cos is not None:
+        if head_dim % 2 != 0:
+            raise ValueError(f"cos, sin: rotary embeddings need an even head dim, got head dim {head_dim}")
         lead = tuple(x.shape[:-1])
         for name, t in (("cos", cos), ("sin", sin)):
             check_tensor(name, t, dtypes=LINEAR_DTYPES, device=x.device)
@@ -180,7 +191,7 @@ def modality_qkv(
     is_image = _image_mask(layout)
     _validate_linear(x, is_image, weight_text, bias_text, weight_image, bias_image)
     _validate_qkv(x, is_image, weight_text, weight_image, num_heads, num_kv_heads, cos, sin)
-    if resolve_backend(backend, x.device, "modality_qkv") == "reference":
+    if _pick_backend(backend, x, "modality_qkv") == "reference":
         return modality_qkv_reference(x, is_image, weight_text, bias_text, weight_image, bias_image,
                                       num_heads, num_kv_heads, cos, sin)
     from ._modality_linear_triton import modality_qkv_triton
