@@ -132,7 +132,7 @@ def hf_image_mask(config, input_ids, attention_mask, bidirectional=True):
         kwargs["position_ids"] = torch.arange(length)[None]
     if bidirectional:
         kwargs["or_mask_function"] = _blockwise_overlay(block_ids_python(input_ids == IMAGE_ID))
-    else:
+    elif "allow_is_causal_skip" in params:
         kwargs["allow_is_causal_skip"] = False
     mask = create_causal_mask(**kwargs)
     assert mask is not None and mask.dim() == 4
