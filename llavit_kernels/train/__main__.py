@@ -1,0 +1,235 @@
+"""``llavit-train`` / ``python -m llavit_kernels.train``: train, evaluate, or run the CPU demo (main job).
+
+  llavit-train demo [--quick] [--output-dir runs/demo]      # tiny LLaViT, both stages, ablation table
+  llavit-train train --stage 1 --vision CLIP_DIR --llm QWEN_DIR --data caps.json --data-format caption \\
+      --image-root IMGS --output-dir runs/s1
+  llavit-train train --stage 2 --init-from runs/s1/checkpoint-N --data llava.json --image-root IMGS \\
+      --output-dir runs/s2
+  llavit-train train --stage 2 --tiny --data synthetic --output-dir runs/tiny     # synthetic data
+  llavit-train eval --checkpoint runs/s2/checkpoint-N [--num 400]
+  torchrun --nproc-per-node 8 -m llavit_kernels.train train ... --parallel fsdp
+
+``--demo`` / ``--quick`` as the first argument mean ``demo`` / ``demo --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+
+log = logging.getLogger("llavit.train")
+
+
+def _train_args(p: argparse.ArgumentParser):
+    from .trainer import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--init-from", help="a LLaViT checkpoint dir (llavit_config.json + model.safetensors)")
+    g.add_argument("--vision", help="local CLIP vision dir (transformers format)")
+    g.add_argument("--llm", help="local Qwen2 / Qwen2.5 dir (transformers format)")
+    g.add_argument("--tiny", action="store_true", help="random tiny model + the synthetic word tokenizer")
+    g.add_argument("--tokenizer", help="tokenizer dir (default: --llm, the checkpoint's, or the word tokenizer)")
+    g.add_argument("--no-image-qkv", action="store_true", help="ablation: shared QKV for image tokens")
+    g.add_argument("--no-bidirectional", action="store_true", help="ablation: causal attention inside images")
+    g.add_argument("--feature-layers", help="comma-separated CLIP hidden-state indices, e.g. 5,15,23 or -2")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", help="'synthetic' or a JSON/JSONL file")
+    g.add_argument("--data-format", choices=["llava", "caption"], default="llava")
+    g.add_argument("--image-root", help="directory that image paths are relative to")
+    g.add_argument("--max-length", type=int, default=2048)
+    g.add_argument("--num-samples", type=int, default=4000, help="synthetic: number of samples")
+    g.add_argument("--on-bad-data", choices=["skip", "error"], default="skip")
+    g = p.add_argument_group("training")
+    g.add_argument("--stage", type=int, choices=[1, 2], default=1)
+    g.add_argument("--output-dir", default=d.output_dir)
+    g.add_argument("--max-steps", type=int, default=d.max_steps)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank, per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--trainable", action="append",
+                   help="REGEX or REGEX=LR over parameter names (repeatable); default per stage: "
+                        "stage 1 projector + *_proj_image, stage 2 adds language_model")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    g.add_argument("--packing", action="store_true", help="pack samples into one row with cu_seqlens")
+    g.add_argument("--bf16", choices=["auto", "on", "off"], default=d.bf16)
+    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--save-every", type=int, default=d.save_every)
+    g.add_argument("--resume", help="checkpoint dir, or 'auto' for the latest in --output-dir")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"], default=d.parallel)
+    g.add_argument("--num-workers", type=int, default=d.num_workers)
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--eval-after", action="store_true", help="synthetic data: evaluate on held-out questions")
+
+
+def _switches(args) -> dict:
+    sw = {}
+    if args.no_image_qkv:
+        sw["separate_image_qkv"] = False
+    if args.no_bidirectional:
+        sw["bidirectional_image"] = False
+    if args.feature_layers:
+        sw["feature_layers"] = [int(x) for x in args.feature_layers.split(",")]
+    return sw
+
+
+def build_model_and_tokenizer(args):
+    from ..data.synthetic import WORDS
+    from ..data.tokenizer import WordTokenizer, image_token_id, load_tokenizer
+    from ..models.llavit import LlavitForConditionalGeneration
+    from .demo import DemoSize, build_tiny
+
+    sw = _switches(args)
+    if args.init_from:
+        model = LlavitForConditionalGeneration.load(args.init_from, **sw)
+        tok_dir = args.tokenizer or (os.path.join(args.init_from, "tokenizer") if os.path.isdir(os.path.join(args.init_from, "tokenizer")) else None)
+        tokenizer = load_tokenizer(tok_dir) if tok_dir else WordTokenizer(WORDS)
+    elif args.tiny:
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else WordTokenizer(WORDS)
+        model = build_tiny(tokenizer, DemoSize(), args.seed, **sw)
+    elif args.vision and args.llm:
+        tokenizer = load_tokenizer(args.tokenizer or args.llm)
+        sw["image_token_id"] = image_token_id(tokenizer)
+        if getattr(tokenizer, "pad_token_id", None) is not None:
+            sw["pad_token_id"] = tokenizer.pad_token_id
+        model = LlavitForConditionalGeneration.from_pretrained(args.vision, args.llm, **sw)
+        model.resize_token_embeddings(max(len(tokenizer), model.config.text.vocab_size))
+    else:
+        raise SystemExit("model: give --init-from CKPT, or --vision CLIP_DIR --llm QWEN_DIR, or --tiny")
+    return model, tokenizer
+
+
+def build_dataset(args, model, tokenizer, rank=0):
+    from ..data.datasets import SafeDataset, SampleProcessor, load_caption_json, load_llava_json
+    from ..data.synthetic import synthetic_samples
+
+    cfg = model.config
+    proc = SampleProcessor(tokenizer, int(cfg.vision["image_size"]), cfg.num_image_tokens, args.max_length,
+                           image_root=args.image_root)
+    if args.data == "synthetic":
+        records = synthetic_samples(args.num_samples, args.seed + args.stage, args.stage, int(cfg.vision["image_size"]))
+    elif args.data_format == "caption":
+        records = load_caption_json(args.data)
+    else:
+        records = load_llava_json(args.data)
+    if rank == 0:
+        log.info("data: %d records from %s", len(records), args.data)
+    return SafeDataset(records, proc, on_bad=args.on_bad_data)
+
+
+def cmd_train(args):
+    from .evaluate import evaluate_synthetic
+    from .trainer import TrainConfig, init_distributed, train
+
+    rank, world, device = init_distributed()
+    model, tokenizer = build_model_and_tokenizer(args)
+    dataset = build_dataset(args, model, tokenizer, rank)
+    cfg = TrainConfig(
+        output_dir=args.output_dir, stage=args.stage, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, trainable=args.trainable, warmup_steps=args.warmup_steps,
+        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        packing=args.packing, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, save_every=args.save_every,
+        resume=args.resume, seed=args.seed, parallel=args.parallel, num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    summary = train(model, dataset, cfg, pad_token_id=model.config.pad_token_id, device=device)
+    if rank == 0:
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{summary['step']}")
+        tokenizer.save_pretrained(os.path.join(ckpt, "tokenizer"))
+        summary["checkpoint"] = ckpt
+        summary["skipped_by_reason"] = dict(dataset.skipped)
+        if args.eval_after and args.data == "synthetic":
+            summary["eval"] = eval_checkpoint(ckpt, num=200, seed=args.seed, device=device)
+        hist = summary.pop("history")
+        summary["first_loss"] = hist[0]["loss"] if hist else None
+        with open(os.path.join(args.output_dir, "log.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps({k: summary[k] for k in ("step", "first_loss", "final_loss", "skipped", "checkpoint", "parallel")}))
+        if "eval" in summary:
+            print(f"held-out accuracy {100 * summary['eval']['accuracy']:.1f}%  per kind {summary['eval']['per_kind']}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return summary if rank == 0 else None
+
+
+def eval_checkpoint(checkpoint, num=400, seed=0, device=None, batch_size=100):
+    from ..data.synthetic import HELDOUT_SEED_OFFSET, synthetic_samples
+    from ..data.tokenizer import WordTokenizer, load_tokenizer
+    from ..data.synthetic import WORDS
+    from ..models.llavit import LlavitForConditionalGeneration
+    from .evaluate import evaluate_synthetic
+
+    model = LlavitForConditionalGeneration.load(checkpoint)
+    if device is not None:
+        model.to(device)
+    tok_dir = os.path.join(checkpoint, "tokenizer")
+    tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else WordTokenizer(WORDS)
+    heldout = synthetic_samples(num, seed + HELDOUT_SEED_OFFSET, 2, int(model.config.vision["image_size"]))
+    return evaluate_synthetic(model, tokenizer, heldout, batch_size=batch_size)
+
+
+def cmd_eval(args):
+    ev = eval_checkpoint(args.checkpoint, args.num, args.seed)
+    print(f"held-out accuracy {100 * ev['accuracy']:.1f}% on {ev['n']} questions; per kind:")
+    for k, v in ev["per_kind"].items():
+        print(f"  {k:<9} {100 * v:5.1f}%  (n={ev['count_per_kind'][k]})")
+    print("sample generations:")
+    for e in ev["examples"]:
+        print(f"  Q: {e['question']:<55} A: {e['answer']:<9} model: {e['prediction']}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(ev, f, indent=2)
+    return ev
+
+
+def cmd_demo(args):
+    from .demo import VARIANTS, main_demo
+
+    variants = None
+    if args.variants:
+        keys = list(VARIANTS)
+        variants = [keys[int(i)] for i in args.variants.split(",")]
+    return main_demo(args.output_dir, quick=args.quick, seed=args.seed, variants=variants, progress=not args.no_progress)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--demo", "--quick"):
+        argv = ["demo"] + (["--quick"] if argv[0] == "--quick" else []) + argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="llavit-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train one stage")
+    _train_args(p)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("eval", help="held-out synthetic accuracy + sample generations of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--num", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write the result JSON here")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("demo", help="the main job: tiny LLaViT, both stages, ablation table (CPU, minutes)")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="CI size (well under 2 minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", help="comma-separated indices into the variant list (default: all five)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_demo)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args.fn(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
