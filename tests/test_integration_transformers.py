@@ -417,3 +417,38 @@ def test_convergence_tiny_llava_follows_reference_loss_curve():
     # the image weights were trained away from the text ones (they receive their own gradients)
     attn = model.model.language_model.layers[0].self_attn
     assert not torch.allclose(attn.q_proj_image.weight, attn.q_proj.weight)
+
+
+# ---------------------------------------------------------------------------- packed (padding-free) batches
+def test_packed_documents_from_position_ids():
+    """Rows holding several documents (position ids restart, no attention_mask), as transformers packs."""
+    plain = make_text_model("qwen2")
+    model = convert(plain)
+    perturb_image_weights(model)
+    gen = torch.Generator().manual_seed(5)
+    docs = [torch.randint(0, IMAGE_ID - 1, (n,), generator=gen) for n in (7, 21, 12, 16)]
+    docs[1][3:19] = IMAGE_ID
+    docs[3][0:16] = IMAGE_ID  # a document that is one whole image
+    rows = [torch.cat(docs[:2]), torch.cat(docs[2:])]  # 28 tokens each
+    ids = torch.stack(rows)
+    positions = torch.stack([torch.cat([torch.arange(7), torch.arange(21)]), torch.cat([torch.arange(12), torch.arange(16)])])
+    with torch.no_grad():
+        got = model(ids, position_ids=positions).logits
+        separate = [model(d[None]).logits[0] for d in docs]
+        text_ids = torch.where(ids == IMAGE_ID, 5, ids)
+        text_got = model(text_ids, position_ids=positions).logits
+        # transformers' own packed-sequence mask (it detects packing only without a cache)
+        text_want = plain(text_ids, position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(got[0], torch.cat(separate[:2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], torch.cat(separate[2:]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text_got, text_want, rtol=1e-5, atol=1e-5)
+    # explicit offsets (what DataCollatorWithFlattening passes): same result
+    cu = torch.tensor([0, 7, 28, 40, 56], dtype=torch.int32)
+    with torch.no_grad():
+        explicit = model(ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=21, max_length_k=21).logits
+    torch.testing.assert_close(explicit, got)
+    # the mask-only attention function handles packing too
+    masked = copy.deepcopy(plain)
+    apply_llavit_mask(masked, image_token_id=IMAGE_ID)
+    with torch.no_grad():
+        torch.testing.assert_close(masked(text_ids, position_ids=positions).logits, text_want, rtol=1e-5, atol=1e-5)

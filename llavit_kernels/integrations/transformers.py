@@ -85,12 +85,14 @@ class LlavitLayoutSource:
         is_image: bool ``[B, T]`` of the new tokens (``input_ids == image_token_id``).
         attention_mask: 2-D ``[B, past + T]`` (1 keep / 0 pad) or None.
         span_ids: optional ``[B, T]`` ids separating adjacent images (see SpanLayout).
+        cu_seqlens: optional int ``[docs + 1]`` offsets of packed documents in the flattened
+            ``B * T`` tokens (padding-free training: several documents per row, no padding).
 
     ``layout(num_queries, num_keys)`` is memoised, so all layers of a call share one layout.
     """
 
     def __init__(self, is_image: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 span_ids: Optional[torch.Tensor] = None):
+                 span_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None):
         if not isinstance(is_image, torch.Tensor) or is_image.dtype != torch.bool or is_image.dim() != 2:
             got = f"shape {tuple(is_image.shape)} dtype {is_image.dtype}" if isinstance(is_image, torch.Tensor) else type(is_image).__name__
             raise ValueError(f"image_mask: expected a bool [batch, seq_len] tensor, got {got}")
@@ -106,10 +108,29 @@ class LlavitLayoutSource:
                     f"attention_mask: expected shape [{is_image.shape[0]}, past + {is_image.shape[1]}] for input of shape "
                     f"{tuple(is_image.shape)}, got {tuple(attention_mask.shape)}"
                 )
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError("cu_seqlens: packed documents take no attention_mask (padding-free); got both")
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+                raise ValueError(f"cu_seqlens: expected a 1-D int tensor of document offsets, got {cu_seqlens!r}")
         self.is_image = is_image
         self.attention_mask = attention_mask
         self.span_ids = span_ids
+        self.cu_seqlens = cu_seqlens
         self._layouts: Dict[tuple, SpanLayout] = {}
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def packed_layout(self) -> SpanLayout:
+        """The layout of the flattened ``B * T`` tokens as packed documents."""
+        cached = self._layouts.get("packed")
+        if cached is None:
+            span_ids = None if self.span_ids is None else self.span_ids.reshape(-1)
+            cached = SpanLayout.from_packed(self.is_image.reshape(-1), self.cu_seqlens.to(self.is_image.device), span_ids)
+            self._layouts["packed"] = cached
+        return cached
 
     @property
     def num_queries(self) -> int:
@@ -194,6 +215,8 @@ class HFLlavitAttention(LlavitAttention):
         cos, sin = position_embeddings
         if cos.dim() == 3 and cos.shape[0] == 1 and tuple(cos.shape[:-1]) != lead:
             cos, sin = cos[0], sin[0]
+        if source.packed:
+            return self._forward_packed(hidden_states, source, cos, sin, kv_cache), None
         q, k, v = self.project_qkv(hidden_states, query_is_image, cos, sin)
         if kv_cache is not None:
             # transformers' caches hold [B, Hkv, T, D]; the ops use [B, T, Hkv, D]
@@ -202,6 +225,24 @@ class HFLlavitAttention(LlavitAttention):
         layout = source.layout(q.shape[1], k.shape[1])
         out = self.attend(q, k, v, layout)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), None
+
+
+    def _forward_packed(self, hidden_states, source, cos, sin, kv_cache):
+        """Padding-free batches: every row holds several documents; attend within documents."""
+        batch, tokens, hidden = hidden_states.shape
+        layout = source.packed_layout()
+        if cos.dim() == 3:
+            cos, sin = (t.expand(batch, tokens, t.shape[-1]).reshape(batch * tokens, t.shape[-1]) for t in (cos, sin))
+        elif batch != 1:
+            cos, sin = (t.repeat(batch, 1) for t in (cos, sin))
+        q, k, v = self.project_qkv(hidden_states.reshape(batch * tokens, hidden), layout.is_image, cos, sin)
+        if kv_cache is not None:  # keep transformers' cache consistent; a packed call must be the first
+            shape = (batch, tokens, self.num_kv_heads, self.head_dim)
+            k_all, _ = kv_cache.update(k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), self.layer_idx)
+            if k_all.shape[2] != tokens:
+                raise NotImplementedError("llavit: packed documents (cu_seqlens) cannot continue a KV cache")
+        out = self.attend(q, k, v, layout)
+        return self.o_proj(out.reshape(batch, tokens, self.num_heads * self.head_dim))
 
 
 # ---------------------------------------------------------------------------- mask-only attention function
@@ -215,6 +256,13 @@ def llavit_attention_forward(module, query, key, value, attention_mask=None, sca
     source = _find_source(kwargs, getattr(module, "_llavit_state", None))
     if dropout and module.training:
         raise NotImplementedError("llavit attention: attention dropout is not supported; set attention_dropout=0")
+    if source.packed:
+        batch, heads, tokens, dim = query.shape
+        if key.shape[2] != tokens:
+            raise NotImplementedError("llavit: packed documents (cu_seqlens) cannot continue a KV cache")
+        flat = lambda t: t.transpose(1, 2).reshape(batch * tokens, t.shape[1], dim)  # noqa: E731
+        out = span_attention(flat(query), flat(key), flat(value), source.packed_layout(), softmax_scale=scaling)
+        return out.view(batch, tokens, heads, dim), None
     layout = source.layout(query.shape[2], key.shape[2])
     out = span_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout,
                          softmax_scale=scaling)
@@ -327,8 +375,11 @@ def _llavit_forward(model, *args, **kwargs):
                     "True on image tokens> so the model knows which tokens are image tokens"
                 )
             image_mask = input_ids == model._llavit_image_token_id
-        kwargs[LAYOUT_KWARG] = LlavitLayoutSource(image_mask, attention_mask, span_ids)
         cache = next((bound[k] for k in ("cache", "past_key_values", "past_key_value") if bound.get(k) is not None), None)
+        cu_seqlens = bound.get("cu_seq_lens_q")
+        if cu_seqlens is None and attention_mask is None:
+            cu_seqlens = _packed_offsets(bound.get("position_ids"), image_mask, cache)
+        kwargs[LAYOUT_KWARG] = LlavitLayoutSource(image_mask, attention_mask, span_ids, cu_seqlens)
         _check_chunk_boundary(cache, image_mask)
     state = model._llavit_state
     previous, state.current = state.current, kwargs[LAYOUT_KWARG]
@@ -336,6 +387,28 @@ def _llavit_forward(model, *args, **kwargs):
         return call(*args, **kwargs)
     finally:
         state.current = previous
+
+
+def _packed_offsets(position_ids, image_mask, cache) -> Optional[torch.Tensor]:
+    """Document offsets of a padding-free batch, detected from position ids that restart.
+
+    transformers does the same (``find_packed_sequence_indices``) when ``attention_mask`` is None
+    and no cache object exists; here, whenever no tokens are cached yet (so an empty cache that
+    ``use_cache=True`` creates does not silently merge the documents). Finding the offsets reads values (two host
+    syncs, once per call); under torch.compile pass ``cu_seq_lens_q`` instead.
+    """
+    if position_ids is None or image_mask.shape[1] < 2 or not should_validate_values():
+        return None
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        return None
+    batch, tokens = image_mask.shape
+    positions = position_ids.to(image_mask.device).expand(batch, tokens)
+    starts = torch.diff(positions, dim=-1) != 1
+    if not bool(starts.any()):
+        return None
+    starts = torch.cat([torch.ones_like(starts[:, :1]), starts], dim=1).reshape(-1)
+    offsets = starts.nonzero().squeeze(1)
+    return torch.cat([offsets, offsets.new_tensor([batch * tokens])]).to(torch.int32)
 
 
 def _check_chunk_boundary(cache, image_mask: torch.Tensor) -> None:
