@@ -7,6 +7,8 @@ fp16; bf16 dots are computed in fp32 there); the ``requires_cuda`` tests rerun t
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -90,6 +92,34 @@ def assert_close_to_f64(got, ref64, ref_lowp, dtype, what):
     base = (ref_lowp.double() - ref64).abs().max().item() if ref_lowp is not None else 0.0
     scale = max(ref64.abs().max().item(), 1.0)
     assert err <= 2 * base + tolerance(dtype) * scale, f"{what}: max err {err:.3g} (torch's own {base:.3g}, scale {scale:.3g})"
+
+
+@contextlib.contextmanager
+def use_configs(gemm_configs, dw_configs):
+    """Run the kernels with the given autotune configs (and a fresh autotune cache)."""
+    saved = [(k, k.configs, k.cache) for k in (kern.routed_mm_kernel, kern.routed_dw_kernel)]
+    kern.routed_mm_kernel.configs, kern.routed_mm_kernel.cache = list(gemm_configs), {}
+    kern.routed_dw_kernel.configs, kern.routed_dw_kernel.cache = list(dw_configs), {}
+    try:
+        yield
+    finally:
+        for k, configs, cache in saved:
+            k.configs, k.cache = configs, cache
+
+
+@pytest.fixture(autouse=True)
+def _one_config_on_gpu():
+    # On a GPU every new shape would autotune (compile + time) all configs: the GPU tier's time
+    # budget allows that only once, in test_gpu_every_config_bf16; the other tests use one config.
+    if not HAS_CUDA:
+        yield
+        return
+    with use_configs(kern.GEMM_CONFIGS[:1], kern.DW_CONFIGS[:1]):
+        yield
+
+
+# GPU machines run the CPU tiers' tests on CUDA too; the wide fuzzing stays on the CPU tier there.
+cpu_only_fuzz = pytest.mark.skipif(HAS_CUDA, reason="fuzzing runs in the interpreter tier; the GPU tier runs named layouts")
 
 
 @pytest.fixture
@@ -191,6 +221,7 @@ def test_linear_bf16_upcast_in_interpreter(poison):
     check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.bfloat16)
 
 
+@cpu_only_fuzz
 @settings(max_examples=6)
 @given(
     st.lists(st.tuples(st.booleans(), st.integers(1, 2 * TM + 1)), min_size=1, max_size=5),
@@ -209,6 +240,23 @@ def test_linear_dw_split_path(monkeypatch, poison):
     M, spans = named_layouts(TM)["mixed"]
     x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 20, 18, torch.float32, DEV)
     check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.float32)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tier runs every config at its real tile size (test_gpu_every_config_bf16)")
+def test_gpu_config_tile_shapes_in_interpreter():
+    # the GPU configs' BLOCK_N / BLOCK_K (with the interpreter's BLOCK_M), fwd and every gradient, so
+    # the column masks and RoPE half-tiles of each real config are checked before any GPU time
+    M, spans = named_layouts(TM)["mixed"]
+    is_image = mask_from_runs(M, spans)
+    gemm, dw = kern.gemm_configs(interpret=False), kern.dw_configs(interpret=False)
+    for i in range(max(len(gemm), len(dw))):
+        with use_configs([gemm[i % len(gemm)]], [dw[i % len(dw)]]):
+            x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 72, 136, torch.float32, DEV)
+            check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.float32)
+            H, Hkv, D = 2, 1, 128
+            x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 72, (H + 2 * Hkv) * D, torch.float32, DEV)
+            cos, sin = rope_tables(M, D)
+            check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float32)
 
 
 def test_linear_deterministic():
@@ -382,6 +430,24 @@ def test_torch_compile_fullgraph():
 
 # ----------------------------------------------------------------------------- GPU tier (bf16)
 GPU = torch.device("cuda") if HAS_CUDA else None
+
+
+@requires_cuda
+def test_gpu_every_config_bf16():
+    # each autotune config on its own, fwd and every gradient, linear and fused QKV with RoPE
+    M, spans = named_layouts(128)["mixed"]
+    is_image = mask_from_runs(M, spans, GPU)
+    n = max(len(kern.GEMM_CONFIGS), len(kern.DW_CONFIGS))
+    for i in range(n):
+        g_cfg = kern.GEMM_CONFIGS[i % len(kern.GEMM_CONFIGS)]
+        d_cfg = kern.DW_CONFIGS[i % len(kern.DW_CONFIGS)]
+        with use_configs([g_cfg], [d_cfg]):
+            x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 192, 328, torch.bfloat16, GPU)
+            check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.bfloat16)
+            H, Hkv, D = 4, 2, 128
+            x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 192, (H + 2 * Hkv) * D, torch.bfloat16, GPU)
+            cos, sin = rope_tables(M, D, GPU)
+            check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.bfloat16)
 
 
 @requires_cuda
