@@ -160,6 +160,8 @@ class LlavitAttention(nn.Module):
         self.rope_theta = float(rope_theta)
         self.layer_idx = layer_idx
         self.scaling = head_dim ** -0.5
+        # None: the ops pick (Triton on CUDA, reference elsewhere); "reference" / "triton" force one
+        self.backend: Optional[str] = None
         factory = {"device": device, "dtype": dtype}
         q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
         self.q_proj = nn.Linear(hidden_size, q_out, bias=qkv_bias, **factory)
@@ -264,11 +266,12 @@ class LlavitAttention(nn.Module):
             dtype = torch.get_autocast_dtype(hidden_states.device.type)
             hidden_states = hidden_states.to(dtype)
         (w_t, b_t), (w_i, b_i) = self._fused_weights(hidden_states.dtype)
-        return modality_qkv(hidden_states, is_image, w_t, b_t, w_i, b_i, self.num_heads, self.num_kv_heads, cos, sin)
+        return modality_qkv(hidden_states, is_image, w_t, b_t, w_i, b_i, self.num_heads, self.num_kv_heads, cos, sin,
+                            backend=self.backend)
 
     def attend(self, q, k, v, layout: SpanLayout) -> torch.Tensor:
         mask_layout = layout if self.bidirectional_image else causal_mask_layout(layout)
-        return span_attention(q, k, v, mask_layout, softmax_scale=self.scaling)
+        return span_attention(q, k, v, mask_layout, softmax_scale=self.scaling, backend=self.backend)
 
     def _check_inputs(self, hidden_states, layout, kv_cache):
         if not isinstance(layout, SpanLayout):
