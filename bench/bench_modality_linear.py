@@ -131,7 +131,8 @@ def linear_providers(x, is_image, w_t, b_t, w_i, b_i):
             raise RuntimeError("torch._grouped_mm not available in this torch")
         img = is_image.reshape(-1)
         perm = torch.argsort(img.to(torch.int8), stable=True)
-        offs = torch.stack([(~img).sum(), torch.tensor(M, device=x.device)]).to(torch.int32)
+        n_text = (~img).sum()
+        offs = torch.stack([n_text, n_text.new_full((), M)]).to(torch.int32)  # no host sync
         y_sorted = torch._grouped_mm(x.reshape(M, -1)[perm], w_stack, offs=offs)
         y = y_sorted.index_select(0, torch.argsort(perm))
         y = y + torch.where(img[:, None], b_i, b_t)
@@ -265,20 +266,24 @@ def main(argv=None):
     device = default_device()
     smoke = args.smoke or smoke_mode()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = "modality_linear" + ("-smoke" if smoke else "")
     records = []
+    # most important first, results saved after every case: a time limit leaves what was measured
     for case in main_cases(smoke):
         is_image = image_mask(case["B"], case["T"], case["spans"], device)
         records += bench_linear_case(case, is_image, device, dtype, smoke)
+        save_results(records, name, args.out)
+    for case in qkv_cases(smoke):
+        records += bench_qkv_case(case, device, dtype, smoke)
+        save_results(records, name, args.out)
     for case in sweep_cases(smoke):
         is_image = share_mask(case["B"], case["T"], case["share"], device)
         records += bench_linear_case(case, is_image, device, dtype, smoke,
                                      providers=("triton", "dense_gemm", "grouped_mm"), op=OP + "_sweep")
-    for case in qkv_cases(smoke):
-        records += bench_qkv_case(case, device, dtype, smoke)
+        save_results(records, name, args.out)
     print_table([r for r in records if r["op"] == OP], baseline="dense_gemm")
     print_table([r for r in records if r["op"] == OP + "_sweep"], baseline="dense_gemm")
     print_table([r for r in records if r["op"] == "modality_qkv"], baseline="dense_gemm_rope")
-    name = "modality_linear" + ("-smoke" if smoke else "")
     path = save_results(records, name, args.out)
     plot_results([r for r in records if r["op"] == OP], path.with_suffix(".png"),
                  title="modality_linear vs dense GEMM floor and peers")
