@@ -71,3 +71,14 @@ def test_chunked_prefill_equals_one_shot_and_rejects_split_images():
         cache = DynamicCache()
         model(ids[:, :10], attention_mask=mask[:, :10], **{CACHE_ARG: cache}, use_cache=True)
         model(ids[:, 10:], attention_mask=mask, **{CACHE_ARG: cache}, use_cache=True)
+
+
+def test_mask_only_generate_equals_full_recompute():
+    from llavit_kernels.integrations import apply_llavit_mask
+
+    model = copy.deepcopy(make_text_model("llama"))
+    apply_llavit_mask(model, image_token_id=IMAGE_ID)
+    ids, mask = image_batch(length=24, starts=(3, 6), pad_left=(0, 2))
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                         pad_token_id=0)
+    assert torch.equal(out, greedy_by_recompute(model, ids, mask, 6))

@@ -342,3 +342,24 @@ def test_attention_triton_backend_matches_reference_with_cache():
         attn.backend = "reference"
         want = attn.attend(q, k_cache.contiguous(), v_cache.contiguous(), step)
     torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_fused_weight_cache_in_inference_follows_weight_updates():
+    attn = LlavitAttention(32, 4, 2)
+    x = torch.randn(1, 6, 32)
+    layout = SpanLayout.from_image_mask(torch.tensor([[False, True, True, False, False, False]]))
+    with torch.no_grad():
+        first = attn(x, layout)
+        assert "_fused_cache" in attn.__dict__
+        torch.testing.assert_close(attn(x, layout), first)
+        attn.q_proj_image.weight.mul_(2.0)  # in-place update bumps the version: cache refreshed
+        changed = attn(x, layout)
+    assert not torch.allclose(changed, first)
+    out = attn(x, layout)  # with autograd: no cache, gradients reach the text/image weights
+    assert "_fused_cache" not in attn.__dict__
+    torch.testing.assert_close(out, changed)
+    out.sum().backward()
+    assert attn.q_proj_image.weight.grad is not None and attn.v_proj.weight.grad is not None
+    copied = __import__("copy").deepcopy(attn)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x, layout), changed)

@@ -51,6 +51,7 @@ import inspect
 import json
 import os
 import types
+import warnings
 from typing import Dict, Optional, Union
 
 import torch
@@ -354,6 +355,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_signature(forward) -> inspect.Signature:
+    return inspect.signature(forward)
+
+
 def _llavit_forward(model, *args, **kwargs):
     """The converted model's forward: build the layout source of this call, then run the stock forward."""
     image_mask = kwargs.pop("image_mask", None)
@@ -361,7 +367,7 @@ def _llavit_forward(model, *args, **kwargs):
     original = model.__dict__.get("_llavit_original_forward")
     call = original if original is not None else functools.partial(type(model).forward, model)
     if kwargs.get(LAYOUT_KWARG) is None:
-        bound = dict(inspect.signature(type(model).forward).bind_partial(model, *args, **kwargs).arguments)
+        bound = dict(_forward_signature(type(model).forward).bind_partial(model, *args, **kwargs).arguments)
         extra = bound.pop("kwargs", None)  # names a version takes only through **kwargs (renamed arguments)
         if isinstance(extra, dict):
             for key, value in extra.items():
@@ -575,6 +581,11 @@ def apply_llavit(
     state = getattr(model, "_llavit_state", None) or _ForwardState()
     converted = 0
     for name, module in _attention_modules(model):
+        if float(getattr(module, "attention_dropout", 0.0) or 0.0) > 0:
+            warnings.warn(
+                f"apply_llavit: {name} has attention_dropout={module.attention_dropout}; span attention has no "
+                "attention-probability dropout, so it is not applied", stacklevel=2,
+            )
         new = HFLlavitAttention.from_attention(
             module, separate_image_qkv=separate_image_qkv, bidirectional_image=bidirectional_image
         )

@@ -162,6 +162,7 @@ class LlavitAttention(nn.Module):
         self.scaling = head_dim ** -0.5
         # None: the ops pick (Triton on CUDA, reference elsewhere); "reference" / "triton" force one
         self.backend: Optional[str] = None
+        self.cache_fused_weights = True  # reuse the concatenated q|k|v weights in inference (see _fused_weights)
         factory = {"device": device, "dtype": dtype}
         q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
         self.q_proj = nn.Linear(hidden_size, q_out, bias=qkv_bias, **factory)
@@ -186,7 +187,29 @@ class LlavitAttention(nn.Module):
             if text.bias is not None:
                 image.bias.copy_(text.bias)
 
+    def _qkv_params(self):
+        image = ("q_proj_image", "k_proj_image", "v_proj_image") if self.separate_image_qkv else ()
+        return [p for name in ("q_proj", "k_proj", "v_proj") + image
+                for p in (getattr(self, name).weight, getattr(self, name).bias) if p is not None]
+
     def _fused_weights(self, dtype: Optional[torch.dtype]):
+        """Text and image q|k|v weights (and biases) concatenated, as ``modality_qkv`` takes them.
+
+        With autograd recording, concatenated per call (gradients flow back to q_proj & co).
+        Without (inference, ``torch.no_grad``), the concatenation is kept and reused until a
+        weight changes (tracked by storage pointer and version counter), so decode steps do not copy
+        the weights every token; set ``cache_fused_weights = False`` to save that memory.
+        """
+        params = self._qkv_params()
+        cacheable = self.cache_fused_weights and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        if cacheable:
+            key = (dtype,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+            cached = self.__dict__.get("_fused_cache")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        else:
+            self.__dict__.pop("_fused_cache", None)
+
         def fuse(q, k, v):
             weight = torch.cat([q.weight, k.weight, v.weight], dim=0)
             bias = None if q.bias is None else torch.cat([q.bias, k.bias, v.bias], dim=0)
@@ -197,6 +220,8 @@ class LlavitAttention(nn.Module):
 
         text = fuse(self.q_proj, self.k_proj, self.v_proj)
         image = fuse(self.q_proj_image, self.k_proj_image, self.v_proj_image) if self.separate_image_qkv else text
+        if cacheable:
+            self.__dict__["_fused_cache"] = (key, (text, image))
         return text, image
 
     @classmethod
