@@ -23,18 +23,23 @@ constexpr argument names to values (ints, bools, floats, strings). The result di
 
     name            kernel name in the cubin
     registers       registers per thread (REG)
-    local_bytes     local memory per thread (LOCAL: spills and stack arrays; 0 is what we want)
+    local_bytes     local memory per thread, LOCAL + STACK (ptxas places spills in the stack frame,
+                    so STACK > 0 usually means spills; 0 is what we want)
     stack_bytes     STACK from cuobjdump
+    local_insts     number of STL/LDL (local store/load) instructions in the SASS
     shared_bytes    static shared memory from cuobjdump (SHARED) -- usually 0 for Triton
     triton_shared   dynamic shared memory Triton requests at launch (metadata.shared)
     shared_total    max(shared_bytes + triton_shared) -- compare against H100_SHARED_LIMIT
-    spilled         bool, local_bytes > 0
+    spilled         bool, local_bytes > 0 or local_insts > 0
     num_warps, num_stages
     hgmma           bool, the SASS contains HGMMA (Hopper warpgroup MMA) instructions
     ptxas_info      the text of cuobjdump's resource-usage report
 
+An optional keyword ``divisible_by_16`` (argument names) marks pointers/ints as 16-divisible, the
+specialisation Triton's launcher applies at run time to aligned pointers and strides.
+
 ``compile_sm90_many(jobs)`` compiles a list of ``dict(kernel=..., signature=..., constexprs=...,
-num_warps=..., num_stages=...)`` in one subprocess (one import of torch/triton instead of many).
+num_warps=..., num_stages=..., divisible_by_16=...)`` in one subprocess (one import of torch/triton instead of many).
 """
 
 from __future__ import annotations
@@ -113,26 +118,34 @@ def _resource_usage(cubin: bytes) -> Dict[str, Any]:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        res = subprocess.run([_cuobjdump_path(), "--dump-resource-usage", path], capture_output=True, text=True, check=True)
-        sass = subprocess.run([_cuobjdump_path(), "--dump-sass", path], capture_output=True, text=True, check=False)
+        # One call prints both the resource usage and the SASS.
+        res = subprocess.run(
+            [_cuobjdump_path(), "--dump-resource-usage", "--dump-sass", path], capture_output=True, text=True, check=True
+        )
+    sass = res
     usage = {"REG": 0, "STACK": 0, "SHARED": 0, "LOCAL": 0}
     name = ""
-    for line in res.stdout.splitlines():
-        m = re.search(r"Function ([^\s:]+)", line)
+    resource_lines = [ln for ln in res.stdout.splitlines() if "REG:" in ln or re.search(r"Function [^\s:]+:", ln)]
+    for line in resource_lines:
+        m = re.search(r"Function ([^\s:]+):", line)
         if m:
             name = m.group(1)
         found = dict(_RES_RE.findall(line))
         for key, val in found.items():
             usage[key] = max(usage[key], int(val))
+    # Local loads/stores in the SASS: spills (or stack arrays). ptxas puts spills in the stack
+    # frame, which cuobjdump reports as STACK (LOCAL is usually 0 even for a spilling kernel).
+    local_insts = len(re.findall(r"\b(?:STL|LDL)(?:\.[A-Z0-9]+)*\s", sass.stdout))
     return {
         "name": name,
         "usage": usage,
         "hgmma": "HGMMA" in sass.stdout,
-        "resource_text": res.stdout,
+        "local_insts": local_insts,
+        "resource_text": "\n".join(resource_lines),
     }
 
 
-def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages) -> Dict[str, Any]:
+def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16=()) -> Dict[str, Any]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -148,7 +161,9 @@ def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages) -> 
     if missing:
         raise ValueError(f"compile_sm90: signature lacks arguments {missing} of kernel {jit_fn.__name__}")
     signature = {a: signature[a] for a in jit_fn.arg_names}
-    src = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs)
+    # What Triton's launcher infers at run time for 16-aligned pointers and multiples of 16.
+    attrs = {(jit_fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
+    src = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", 90, 32),
@@ -158,7 +173,7 @@ def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages) -> 
     info = _resource_usage(cubin)
     triton_shared = int(getattr(compiled.metadata, "shared", 0) or 0)
     usage = info["usage"]
-    local = usage["LOCAL"]
+    local = usage["LOCAL"] + usage["STACK"]
     return {
         "name": info["name"] or jit_fn.__name__,
         "registers": usage["REG"],
@@ -167,7 +182,8 @@ def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages) -> 
         "shared_bytes": usage["SHARED"],
         "triton_shared": triton_shared,
         "shared_total": usage["SHARED"] + triton_shared,
-        "spilled": local > 0,
+        "local_insts": info["local_insts"],
+        "spilled": local > 0 or info["local_insts"] > 0,
         "num_warps": num_warps,
         "num_stages": num_stages,
         "hgmma": info["hgmma"],
@@ -188,24 +204,37 @@ def _run_subprocess(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 "constexprs": {k: _jsonable(v) for k, v in dict(job.get("constexprs") or {}).items()},
                 "num_warps": int(job["num_warps"]),
                 "num_stages": int(job["num_stages"]),
+                "divisible_by_16": list(job.get("divisible_by_16") or ()),
             }
         )
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "0"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        input=json.dumps(payload),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=_REPO_ROOT,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"compile_sm90 subprocess failed (rc={proc.returncode}):\n{proc.stderr[-8000:]}")
-    marker = "@@SM90_RESULTS@@"
-    text = proc.stdout[proc.stdout.rindex(marker) + len(marker):]
-    results = json.loads(text)
+    # Compiles are CPU-bound (MLIR passes, ptxas): spread them over a few worker processes.
+    workers = max(1, min(len(payload), int(os.environ.get("SM90_COMPILE_WORKERS", os.cpu_count() or 1))))
+    chunks = [list(range(i, len(payload), workers)) for i in range(workers)]
+
+    def run_chunk(indices):
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__)],
+            input=json.dumps([payload[i] for i in indices]),
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=_REPO_ROOT,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"compile_sm90 subprocess failed (rc={proc.returncode}):\n{proc.stderr[-8000:]}")
+        marker = "@@SM90_RESULTS@@"
+        return json.loads(proc.stdout[proc.stdout.rindex(marker) + len(marker):])
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    results: List[Dict[str, Any]] = [None] * len(payload)  # type: ignore[list-item]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for indices, chunk_results in zip(chunks, pool.map(run_chunk, chunks)):
+            for i, r in zip(indices, chunk_results):
+                results[i] = r
     for r in results:
         if "error" in r:
             raise RuntimeError(f"compile_sm90: compiling {r['kernel']} failed:\n{r['error']}")
@@ -222,7 +251,9 @@ def _subprocess_main():
             mod = importlib.import_module(job["module"])
             kernel = getattr(mod, job["name"])
             results.append(
-                _compile_inprocess(kernel, job["signature"], job["constexprs"], job["num_warps"], job["num_stages"])
+                _compile_inprocess(
+                    kernel, job["signature"], job["constexprs"], job["num_warps"], job["num_stages"], job["divisible_by_16"]
+                )
             )
         except Exception:  # report per job; the parent raises with the traceback
             results.append({"kernel": f"{job['module']}.{job['name']}", "error": traceback.format_exc()})
@@ -230,10 +261,21 @@ def _subprocess_main():
 
 
 # ----------------------------------------------------------------------------- public API
-def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
-    """Compile one config of ``kernel`` for sm_90 and return its resource usage (see module doc)."""
+def compile_sm90(
+    kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int, divisible_by_16=()
+) -> dict:
+    """Compile one config of ``kernel`` for sm_90 and return its resource usage (see module doc).
+
+    ``divisible_by_16`` (optional) names pointer/int arguments to mark 16-divisible, as Triton's
+    launcher does at run time for aligned pointers and strides (enables vectorised accesses).
+    """
     return compile_sm90_many(
-        [dict(kernel=kernel, signature=signature, constexprs=constexprs, num_warps=num_warps, num_stages=num_stages)]
+        [
+            dict(
+                kernel=kernel, signature=signature, constexprs=constexprs, num_warps=num_warps,
+                num_stages=num_stages, divisible_by_16=divisible_by_16,
+            )
+        ]
     )[0]
 
 
@@ -242,7 +284,10 @@ def compile_sm90_many(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     if any(_is_interpreted(j["kernel"]) for j in jobs) or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return _run_subprocess(jobs)
     return [
-        _compile_inprocess(j["kernel"], j["signature"], j.get("constexprs") or {}, j["num_warps"], j["num_stages"])
+        _compile_inprocess(
+            j["kernel"], j["signature"], j.get("constexprs") or {}, j["num_warps"], j["num_stages"],
+            j.get("divisible_by_16") or (),
+        )
         for j in jobs
     ]
 

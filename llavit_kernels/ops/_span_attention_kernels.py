@@ -33,24 +33,24 @@ LOG2E = 1.4426950408889634
 BIG = tl.constexpr(2147483647)  # int32 max: 'no row' sentinel in block statistics
 
 # ----------------------------------------------------------------------------- autotune configs
-# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages). Small lists: every entry is compiled for
-# sm_90 in tests/test_span_attention_static.py (no spills, shared memory within the H100 limit).
-FWD_CONFIGS_GPU = [
-    (128, 64, 4, 3),
-    (128, 64, 8, 3),
-    (128, 128, 8, 2),
-    (64, 64, 4, 3),
-]
-BWD_DQ_CONFIGS_GPU = [
-    (64, 64, 4, 3),
-    (128, 64, 8, 2),
-    (64, 32, 4, 3),
-]
-BWD_DKDV_CONFIGS_GPU = [
-    (64, 64, 4, 3),
-    (32, 128, 4, 3),
-    (64, 128, 8, 2),
-]
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per padded head dim BLOCK_D (64 or 128;
+# head dims 80 and 96 run with BLOCK_D = 128). Small lists: every entry is compiled for sm_90 in
+# tests/test_span_attention_static.py, which rejects spills and shared memory over the H100 limit.
+# Rules learnt from those compiles: 8 warps (two warpgroups) only pay off when the MMA's M side is
+# >= 128, and the dK/dV kernel keeps two [BLOCK_N, BLOCK_D] fp32 accumulators, so at BLOCK_D = 128
+# only BLOCK_N = 128 with 8 warps and a 16-query inner block fits without spilling.
+FWD_CONFIGS_GPU = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 2), (64, 64, 4, 3)],
+}
+BWD_DQ_CONFIGS_GPU = {
+    64: [(128, 64, 8, 2), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 2), (128, 32, 8, 3)],
+}
+BWD_DKDV_CONFIGS_GPU = {  # BLOCK_M: the query block walked by one program's BLOCK_N keys
+    64: [(32, 128, 8, 2), (16, 128, 8, 2)],
+    128: [(16, 128, 8, 2), (16, 128, 8, 1)],
+}
 # Under the interpreter one small config keeps tests fast; BLOCK_M != BLOCK_N on purpose so that a
 # mix-up of the two block sizes cannot pass the tests.
 FWD_CONFIGS_INTERP = [(16, 32, 4, 1)]
@@ -59,16 +59,37 @@ BWD_DKDV_CONFIGS_INTERP = [(32, 16, 4, 1)]
 
 PRE_BLOCK_M = 16 if INTERPRETING else 64
 
+_GPU_TABLES = {"fwd": FWD_CONFIGS_GPU, "dq": BWD_DQ_CONFIGS_GPU, "dkdv": BWD_DKDV_CONFIGS_GPU}
+_INTERP_TABLES = {"fwd": FWD_CONFIGS_INTERP, "dq": BWD_DQ_CONFIGS_INTERP, "dkdv": BWD_DKDV_CONFIGS_INTERP}
 
-def _configs(table):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+
+def table_block_d(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128
 
 
-def active_configs(kind: str):
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list in use for ``kind`` in fwd/dq/dkdv."""
-    gpu = {"fwd": FWD_CONFIGS_GPU, "dq": BWD_DQ_CONFIGS_GPU, "dkdv": BWD_DKDV_CONFIGS_GPU}
-    interp = {"fwd": FWD_CONFIGS_INTERP, "dq": BWD_DQ_CONFIGS_INTERP, "dkdv": BWD_DKDV_CONFIGS_INTERP}
-    return (interp if INTERPRETING else gpu)[kind]
+def active_configs(kind: str, block_d: int):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list the autotuner tries for ``kind``."""
+    if INTERPRETING:
+        return _INTERP_TABLES[kind]
+    return _GPU_TABLES[kind][table_block_d(block_d)]
+
+
+def _autotune_configs(kind: str):
+    if INTERPRETING:
+        tables = [_INTERP_TABLES[kind]]
+    else:
+        tables = list(_GPU_TABLES[kind].values())
+    entries = list(dict.fromkeys(e for t in tables for e in t))  # union, order kept
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in entries]
+
+
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        allowed = set(active_configs(kind, named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))))
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+        return kept or configs[:1]
+
+    return prune
 
 
 _AUTOTUNE_KEY = ["BLOCK_D", "SEQ_BUCKET", "GROUPS"]
@@ -420,7 +441,13 @@ def _span_bwd_dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------- autotuned entry points
-span_fwd_kernel = triton.autotune(configs=_configs(active_configs("fwd")), key=_AUTOTUNE_KEY)(_span_fwd_kernel)
-span_bwd_dq_kernel = triton.autotune(configs=_configs(active_configs("dq")), key=_AUTOTUNE_KEY)(_span_bwd_dq_kernel)
-span_bwd_dkdv_kernel = triton.autotune(configs=_configs(active_configs("dkdv")), key=_AUTOTUNE_KEY)(_span_bwd_dkdv_kernel)
+def _tuned(kind, kernel):
+    return triton.autotune(
+        configs=_autotune_configs(kind), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner(kind)}
+    )(kernel)
+
+
+span_fwd_kernel = _tuned("fwd", _span_fwd_kernel)
+span_bwd_dq_kernel = _tuned("dq", _span_bwd_dq_kernel)
+span_bwd_dkdv_kernel = _tuned("dkdv", _span_bwd_dkdv_kernel)
 span_bwd_pre_kernel = _span_bwd_pre_kernel

@@ -50,6 +50,17 @@ def check_triton_inputs(q: torch.Tensor, k: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- launch helpers
+# Tests set this to True: outputs are then allocated full of NaN instead of uninitialised, so an
+# element a kernel forgets to write shows up as NaN.
+POISON_OUTPUTS = False
+
+
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -86,8 +97,8 @@ def _meta(q: torch.Tensor, k: torch.Tensor):
 
 
 def _forward_impl(q, k, v, kv_start, kv_end, softmax_scale):
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device)
+    out = _new_output(q.shape, q.dtype, q.device)
+    lse = _new_output(_lse_shape(q), torch.float32, q.device)
     q4, k4, v4, o4 = (_last_dim_contiguous(_as4d(t)) for t in (q, k, v, out))
     kv_start2, kv_end2 = _as2d(kv_start), _as2d(kv_end)
     lse3 = _lse_as3d(lse)
@@ -111,9 +122,9 @@ def _forward_impl(q, k, v, kv_start, kv_end, softmax_scale):
 
 
 def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, softmax_scale):
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = _new_output(q.shape, q.dtype, q.device)
+    dk = _new_output(k.shape, k.dtype, k.device)
+    dv = _new_output(v.shape, v.dtype, v.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     q4, k4, v4, o4, do4, dq4, dk4, dv4 = (
@@ -125,7 +136,7 @@ def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_st
     tk, kv_heads = k4.shape[1], k4.shape[2]
     meta, seq_bucket = _meta(q, k)
 
-    delta = torch.empty_like(lse3)
+    delta = _new_output(lse3.shape, torch.float32, lse3.device)
     dlse3 = _lse_as3d(grad_lse).contiguous() if grad_lse is not None else delta  # dummy pointer when absent
     K.span_bwd_pre_kernel[(triton.cdiv(tq, K.PRE_BLOCK_M), batch * heads)](
         o4, do4, dlse3, delta,
