@@ -201,7 +201,11 @@ class LlavitAttention(nn.Module):
         the weights every token; set ``cache_fused_weights = False`` to save that memory.
         """
         params = self._qkv_params()
-        cacheable = self.cache_fused_weights and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        cacheable = (
+            self.cache_fused_weights
+            and not torch.compiler.is_compiling()  # a compiled graph re-derives it anyway
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        )
         if cacheable:
             key = (dtype,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
             cached = self.__dict__.get("_fused_cache")
