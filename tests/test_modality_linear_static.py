@@ -87,6 +87,33 @@ def compiled():
     return list(zip(ids, jobs, compile_sm90_many(jobs)))
 
 
+class _FakeTensor:
+    def __init__(self, element_size):
+        self._el = element_size
+
+    def element_size(self):
+        return self._el
+
+
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_config_pruning_keeps_what_fits(monkeypatch, element_size):
+    # the autotuner's early prune drops configs whose operand buffers overflow shared memory
+    # (fp32 operands take twice the bytes); 16-bit operands keep every config
+    monkeypatch.setattr(kern, "INTERPRET", False)
+    gemm, dw = kern.gemm_configs(interpret=False), kern.dw_configs(interpret=False)
+    kept_g = kern.prune_gemm_configs(gemm, {"a_ptr": _FakeTensor(element_size)}, BLOCK_M=kern.TILE_M_GPU)
+    kept_d = kern.prune_dw_configs(dw, {"dy_ptr": _FakeTensor(element_size)}, BLOCK_M=kern.TILE_M_GPU)
+    bm = kern.TILE_M_GPU
+    for c in kept_g:
+        assert c.num_stages * (bm + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * element_size <= kern.SMEM_BUDGET
+    for c in kept_d:
+        assert c.num_stages * bm * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]) * element_size <= kern.SMEM_BUDGET
+    if element_size == 2:
+        assert kept_g == gemm and kept_d == dw
+    else:
+        assert kept_g and kept_d and len(kept_g) < len(gemm) and len(kept_d) < len(dw)
+
+
 def test_configs_cover_the_gpu_tile():
     assert kern.TILE_M_GPU == 128
     assert len(kern.gemm_configs(interpret=False)) >= 3 and len(kern.dw_configs(interpret=False)) >= 2

@@ -108,7 +108,37 @@ def dw_configs(interpret: bool = INTERPRET):
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        # fits float32 operands too (the 16-bit tiles above need more than 227 KB in fp32)
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     ]
+
+
+# Shared memory per block on sm_90 is 227 KB; keep a margin for the epilogue's layout conversions.
+SMEM_BUDGET = 200 * 1024
+
+
+def _fits(configs, element_size, operand_elems, fallback_key):
+    """Configs whose pipelined operand buffers fit in shared memory (or the smallest one)."""
+    fitting = [c for c in configs if c.num_stages * operand_elems(c) * element_size <= SMEM_BUDGET]
+    return fitting or [min(configs, key=fallback_key)]
+
+
+def prune_gemm_configs(configs, named_args, **kwargs):
+    if INTERPRET:
+        return configs
+    bm = kwargs.get("BLOCK_M", TILE_M)
+    el = named_args["a_ptr"].element_size()
+    return _fits(configs, el, lambda c: (bm + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"],
+                 lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.num_stages)
+
+
+def prune_dw_configs(configs, named_args, **kwargs):
+    if INTERPRET:
+        return configs
+    bm = kwargs.get("BLOCK_M", TILE_M)
+    el = named_args["dy_ptr"].element_size()
+    return _fits(configs, el, lambda c: bm * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]),
+                 lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.num_stages)
 
 
 GEMM_CONFIGS = gemm_configs()
@@ -116,7 +146,8 @@ DW_CONFIGS = dw_configs()
 
 
 # ----------------------------------------------------------------------------- GEMM kernel
-@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "QKV", "ROPE", "HAS_BIAS"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "QKV", "ROPE", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": prune_gemm_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def routed_mm_kernel(
@@ -266,7 +297,8 @@ def _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, first, last, step, cols_n, cols
     return acc, db
 
 
-@triton.autotune(configs=DW_CONFIGS, key=["N", "K", "SPLIT"])
+@triton.autotune(configs=DW_CONFIGS, key=["N", "K", "SPLIT"],
+                 prune_configs_by={"early_config_prune": prune_dw_configs})
 @triton.jit
 def routed_dw_kernel(
     dy_ptr, x_ptr, table_ptr, dwt_ptr, dwi_ptr, dbt_ptr, dbi_ptr,
