@@ -41,7 +41,7 @@ BIG = tl.constexpr(2147483647)  # int32 max: 'no row' sentinel in block statisti
 # only BLOCK_N = 128 with 8 warps and a 16-query inner block fits without spilling.
 FWD_CONFIGS_GPU = {
     64: [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-    128: [(128, 64, 8, 2), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2)],
 }
 BWD_DQ_CONFIGS_GPU = {
     64: [(128, 64, 8, 2), (64, 64, 4, 3)],
