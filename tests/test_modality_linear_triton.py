@@ -8,6 +8,7 @@ fp16; bf16 dots are computed in fp32 there); the ``requires_cuda`` tests rerun t
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -403,7 +404,12 @@ def test_opcheck_qkv():
     torch.library.opcheck(mlt.ml_qkv_grad, (dq, dk, dv, cos, sin, H, Hkv))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compile_backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=pytest.mark.skipif(
+        os.environ.get("LLAVIT_SLOW_TESTS", "0") != "1", reason="about a minute on a 2-core CPU; LLAVIT_SLOW_TESTS=1")),
+])
+def test_torch_compile_fullgraph(compile_backend):
     # aot_eager: traces the custom ops, their fake kernels and the autograd registration exactly
     # as inductor does; inductor itself would also build C++ for the surrounding torch ops, which
     # costs minutes on this CPU box without testing anything more of our ops (they stay opaque).
@@ -417,7 +423,7 @@ def test_torch_compile_fullgraph():
         return y.square().sum() + (q * 2).sum() + k.square().sum() + (v * 3).sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
     inputs = [x, w_t, b_t, w_i, b_i]
     got = compiled(*inputs)
     g_got = torch.autograd.grad(got, inputs)

@@ -146,10 +146,13 @@ DW_CONFIGS = dw_configs()
 
 
 # ----------------------------------------------------------------------------- GEMM kernel
+# Integers whose value changes with the batch but whose divisibility buys nothing (row masks are
+# per tile anyway): not specialised, so a new token count or head layout reuses the compiled kernel.
+_NO_SPECIALIZE_MM = ["M", "n_slots", "num_heads", "num_kv_heads", "cos_rows", "has_bias_text", "has_bias_image"]
 @triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "QKV", "ROPE", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": prune_gemm_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE_MM)
 def routed_mm_kernel(
     a_ptr, bt_ptr, bi_ptr, biast_ptr, biasi_ptr, table_ptr,
     out_ptr, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
@@ -299,7 +302,7 @@ def _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, first, last, step, cols_n, cols
 
 @triton.autotune(configs=DW_CONFIGS, key=["N", "K", "SPLIT"],
                  prune_configs_by={"early_config_prune": prune_dw_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def routed_dw_kernel(
     dy_ptr, x_ptr, table_ptr, dwt_ptr, dwi_ptr, dbt_ptr, dbi_ptr,
     M, N, K,
@@ -335,7 +338,7 @@ def routed_dw_kernel(
 
 
 # ----------------------------------------------------------------------------- QKV backward prologue
-@triton.jit
+@triton.jit(do_not_specialize=["M", "num_heads", "num_kv_heads", "cos_rows"])
 def qkv_grad_kernel(
     dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dy_ptr,
     M, num_heads, num_kv_heads, cos_rows,
