@@ -187,15 +187,17 @@ def bench_case(case, dims, providers, device, dtype, smoke):
     def build(provider):
         """Returns (layer, attention kwargs), built inside the provider so a failure is recorded."""
         torch.manual_seed(0)
-        if provider == "plain_llava_sdpa_causal":
-            attn, kwargs = PlainAttention(dims), {}
-        elif provider == "llavit_ours":
-            attn, kwargs = OursAttention(dims), {"layout": layout}
-        else:
-            flex_fn, create_block_mask = flex_parts(smoke)
-            block_mask = make_block_mask(create_block_mask, is_image, device)
-            attn, kwargs = FlexIndexScatterAttention(dims, flex_fn), {"is_image": is_image, "block_mask": block_mask}
-        layer = DecoderLayer(dims, attn).to(device=device, dtype=dtype)
+        with torch.device(device):  # build on the device: a 7B layer initialised on the CPU is slow
+            if provider == "plain_llava_sdpa_causal":
+                attn, kwargs = PlainAttention(dims), {}
+            elif provider == "llavit_ours":
+                attn, kwargs = OursAttention(dims), {"layout": layout}
+            else:
+                flex_fn, create_block_mask = flex_parts(smoke)
+                block_mask = make_block_mask(create_block_mask, is_image, device)
+                attn, kwargs = FlexIndexScatterAttention(dims, flex_fn), {"is_image": is_image, "block_mask": block_mask}
+            layer = DecoderLayer(dims, attn)
+        layer = layer.to(device=device, dtype=dtype)
         for p in layer.parameters():  # small weights so bf16 activations stay finite
             nn.init.normal_(p, std=0.02) if p.dim() > 1 else nn.init.zeros_(p)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
