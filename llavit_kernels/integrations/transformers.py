@@ -227,7 +227,6 @@ class HFLlavitAttention(LlavitAttention):
         out = self.attend(q, k, v, layout)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), None
 
-
     def _forward_packed(self, hidden_states, source, cos, sin, kv_cache):
         """Padding-free batches: every row holds several documents; attend within documents."""
         batch, tokens, hidden = hidden_states.shape
