@@ -85,14 +85,19 @@ def span_attention(
             ``h`` reads KV head ``h // (H // Hkv)``.
         layout: the :class:`SpanLayout` of the batch (``Tk`` is ``layout.num_keys``).
         softmax_scale: defaults to ``1 / sqrt(D)``.
-        backend: ``None`` (Triton on CUDA, reference elsewhere), ``"reference"`` or ``"triton"``.
+        backend: ``None`` (Triton on CUDA, reference elsewhere and for float64), ``"reference"`` or
+            ``"triton"`` (float16 / bfloat16 / float32, head dims 64, 80, 96, 128; see
+            docs/span_attention.md).
 
     Returns:
         a tensor of q's shape and dtype; query rows with no key (padding) are 0.
     """
     _validate(q, k, v, layout, softmax_scale)
-    if resolve_backend(backend, q.device, "span_attention") == "reference":
+    chosen = resolve_backend(backend, q.device, "span_attention")
+    if chosen == "reference" or (backend is None and q.dtype == torch.float64):
+        # float64 has no Triton kernel: backend=None keeps it on the reference (as modality_linear does).
         return span_attention_reference(q, k, v, layout, softmax_scale)
     from ._span_attention_triton import span_attention_triton
 
+    # Raises TypeError for float64 and ValueError for head dims outside (64, 80, 96, 128).
     return span_attention_triton(q, k, v, layout, softmax_scale)
