@@ -363,3 +363,20 @@ def test_fused_weight_cache_in_inference_follows_weight_updates():
     copied = __import__("copy").deepcopy(attn)
     with torch.no_grad():
         torch.testing.assert_close(copied(x, layout), changed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (GPU tier)")
+def test_attention_forward_backward_has_no_host_sync_on_cuda():
+    """Layout from input_ids (no padding mask: no value checks) + module forward/backward: no sync."""
+    attn = LlavitAttention(256, 4, 2).cuda().to(torch.bfloat16)
+    input_ids = torch.randint(0, 50, (2, 128), device="cuda")
+    input_ids[:, 10:70] = 7
+    x = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    attn(x, SpanLayout.from_input_ids(input_ids, 7)).sum().backward()  # warm-up: autotuning may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layout = SpanLayout.from_input_ids(input_ids, 7)
+        attn(x, layout).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
