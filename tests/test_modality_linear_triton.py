@@ -15,7 +15,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import HAS_CUDA, requires_cuda
 from llavit_kernels import SpanLayout
 from llavit_kernels.ops import _modality_linear_kernels as kern
 from llavit_kernels.ops import _modality_linear_triton as mlt
@@ -26,6 +25,9 @@ from llavit_kernels.ops.modality_linear import (
     modality_qkv_reference,
 )
 
+# (not imported from conftest: with bench/ in the same pytest run, "conftest" is bench's)
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (GPU tier)")
 CPU = torch.device("cpu")
 # The interpreter tier runs on CPU; on a GPU machine (no interpreter) the same tests run on CUDA.
 DEV = torch.device("cuda") if HAS_CUDA else CPU
