@@ -149,6 +149,8 @@ DW_CONFIGS = dw_configs()
 # Integers whose value changes with the batch but whose divisibility buys nothing (row masks are
 # per tile anyway): not specialised, so a new token count or head layout reuses the compiled kernel.
 _NO_SPECIALIZE_MM = ["M", "n_slots", "num_heads", "num_kv_heads", "cos_rows", "has_bias_text", "has_bias_image"]
+
+
 @triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "QKV", "ROPE", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": prune_gemm_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})

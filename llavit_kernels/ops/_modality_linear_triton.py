@@ -15,7 +15,7 @@ and replay under CUDA graphs (after the autotuner has run once outside the captu
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -66,7 +66,6 @@ def _launch_mm(a, w_t, w_i, b_t, b_i, table, out, *, transpose_b: bool, qkv=None
         qkv_mode = False
         stride_om = out.stride(0)
     else:
-        q_out = out
         k_out, v_out, cos, sin, num_heads, num_kv_heads, head_dim, cos_rows = qkv
         rope = cos is not None
         if not rope:
@@ -75,7 +74,7 @@ def _launch_mm(a, w_t, w_i, b_t, b_i, table, out, *, transpose_b: bool, qkv=None
         qkv_mode = True
         stride_om = 0
 
-    def grid(meta):
+    def grid(meta):  # must match the kernel's n_col_tiles / tiles_per_head
         if qkv_mode:
             bn = meta["BLOCK_N"]
             per_head = cdiv(head_dim // 2, bn // 2) if rope else cdiv(head_dim, bn)
