@@ -357,6 +357,28 @@ def test_qkv_fp32(case, poison):
     check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float32)
 
 
+def test_qkv_packed_span_layout(poison):
+    # packed documents through a SpanLayout, rotary positions restarting in each document ([N, D])
+    lens = [TM + 3, 5, TM - 1]
+    N_tok = sum(lens)
+    is_image = torch.zeros(N_tok, dtype=torch.bool, device=DEV)
+    is_image[2:TM] = True  # an image in document 0
+    is_image[lens[0] + 1:lens[0] + 3] = True  # a two-token image in document 1
+    cu = torch.tensor([0, lens[0], lens[0] + lens[1], N_tok], dtype=torch.int32, device=DEV)
+    layout = SpanLayout.from_packed(is_image, cu)
+    H, Hkv, D, hidden = 2, 1, 8, 12
+    pos = torch.cat([torch.arange(n, dtype=torch.float64) for n in lens])
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    emb = torch.cat([pos[:, None] * inv] * 2, -1)
+    cos, sin = emb.cos().float().to(DEV), emb.sin().float().to(DEV)
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((N_tok,), hidden, (H + 2 * Hkv) * D, torch.float32, DEV)
+    q, k, v = modality_qkv(x, layout, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, backend="triton")
+    rq, rk, rv = modality_qkv_reference(x, layout.is_image, w_t, b_t, w_i, b_i, H, Hkv, cos, sin)
+    for a, b in ((q, rq), (k, rk), (v, rv)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    check_qkv(layout.is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float32)
+
+
 def test_qkv_fp16_rope_partial_grads(poison):
     lead, H, Hkv, D, hidden = (2, TM + 3), 4, 2, 16, 24
     is_image = torch.zeros(lead, dtype=torch.bool, device=DEV)
