@@ -353,6 +353,11 @@ def test_save_pretrained_from_pretrained_restores_image_weights(tmp_path, family
     torch.testing.assert_close(q_image, q_text)
     assert load_llavit_weights(fresh, llavit_state_dict(model)) == len(llavit_state_dict(model))
     torch.testing.assert_close(llavit_state_dict(fresh), llavit_state_dict(model))
+    # a converted config whose checkpoint cannot be found: a warning, not silent copies
+    lost = cls.from_pretrained(tmp_path)
+    lost.config._name_or_path = str(tmp_path / "moved-away")
+    with pytest.warns(UserWarning, match="not found locally"):
+        apply_llavit(lost)
 
 
 # ---------------------------------------------------------------------------- bad inputs

@@ -497,6 +497,21 @@ def _read_checkpoint_image_tensors(path: str) -> Dict[str, torch.Tensor]:
     raise FileNotFoundError(f"weights: no model.safetensors(.index.json) or pytorch_model.bin in {path!r}")
 
 
+def _local_checkpoint_dir(name_or_path: Optional[str]) -> Optional[str]:
+    """A local directory for ``from_pretrained``'s source: the path itself, or a Hub snapshot already
+    in the local cache (no download)."""
+    if not name_or_path:
+        return None
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path, local_files_only=True)
+    except Exception:  # not a repo id, or not cached
+        return None
+
+
 def _layer_suffix(key: str) -> str:
     """``...layers.3.self_attn.q_proj_image.weight`` -> ``layers.3.self_attn.q_proj_image.weight``."""
     start = key.rfind("layers.")
@@ -608,9 +623,17 @@ def apply_llavit(
 
     if separate_image_qkv:
         if isinstance(weights, str) and weights == "auto":
-            source_dir = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
-            if saved and source_dir and os.path.isdir(source_dir):
-                load_llavit_weights(model, source_dir)
+            if saved:  # the config records a conversion: its image weights are in the checkpoint
+                source = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+                source_dir = _local_checkpoint_dir(source)
+                if source_dir is None:
+                    warnings.warn(
+                        f"apply_llavit: the config records a LLaViT conversion but its checkpoint {source!r} was not "
+                        "found locally, so the image q/k/v weights start as copies of the text weights; pass "
+                        "weights=<checkpoint dir or state dict> to load the trained ones", stacklevel=2,
+                    )
+                else:
+                    load_llavit_weights(model, source_dir)
         elif weights is not None:
             load_llavit_weights(model, weights)
     model.config.llavit = {
