@@ -78,7 +78,7 @@ def init_distributed() -> Tuple[int, int, torch.device]:
 
 
 def wrap_parallel(model, mode: str, device):
-    """DDP or FSDP2 (``fully_shard`` per decoder layer and the vision tower, then the root)."""
+    """DDP or FSDP2 (``fully_shard`` per decoder layer, then the root)."""
     rank, world = dist_info()
     if mode == "auto":
         mode = "ddp" if world > 1 else "none"
@@ -93,7 +93,8 @@ def wrap_parallel(model, mode: str, device):
 
         for layer in model.language_model.model.layers:
             fully_shard(layer)
-        fully_shard(model.vision_tower)
+        # The vision tower stays in the root unit: sharding CLIPVisionModel on its own drops its
+        # output_hidden_states kwarg under transformers 5's output-capturing hooks.
         fully_shard(model)
         return model, "fsdp"
     raise ValueError(f"parallel: expected auto, none, ddp or fsdp, got {mode!r}")
