@@ -10,7 +10,8 @@ Providers, one run, same inputs (bf16 on CUDA):
   grouped_mm      tokens sorted by modality + torch._grouped_mm (+ un-permute), where available
 Shapes: Qwen2.5-7B QKV (3584 -> 4608) and 3B (2048 -> 2560) at 16384 tokens = 8 x 2048 with one
 576-token image at position 35 per sequence (28% image); sweeps over tokens and image share (7B).
-Modes: fwd and fwd+bwd (grads of x, both weights, both biases). QKV: fused projection writing
+Modes: fwd and fwd+bwd (grads of x, both weights, both biases), plus dX and dW alone (bwd_dx,
+bwd_dw) against the dense GEMM of the same product, to see which kernel lags. QKV: fused projection writing
 q/k/v (+RoPE in the epilogue) vs the unfused sequence (projection, split, reshape, rotary, copies).
 FLOPs are the useful work, 2*M*K*N forward (x3 fwd+bwd), for every provider.
 On CPU (``--smoke``, the default there) tiny shapes run through Triton's interpreter: a check that
@@ -204,7 +205,44 @@ def bench_linear_case(case, is_image, device, dtype, smoke, providers=None, op=O
             run = _fwd_bwd(fn, params) if train else torch.no_grad()(fn)
             records.append(measure(run, device, smoke, op=op, provider=name, shape=shape, dtype=dtype,
                                    mode=mode, flops=flops))
+            if name == "triton":
+                records[-1]["autotune"] = _autotune_snapshot()
         del x, w_t, b_t, w_i, b_i, provs, params
+    return records
+
+
+def _autotune_snapshot():
+    """The configs the autotuner picked so far (key -> config), recorded with our timings."""
+    from llavit_kernels.ops import _modality_linear_kernels as kern
+
+    return {name: {str(k): str(v) for k, v in kernel.cache.items()}
+            for name, kernel in (("routed_mm", kern.routed_mm_kernel), ("routed_dw", kern.routed_dw_kernel))}
+
+
+def bench_backward_parts(case, is_image, device, dtype, smoke):
+    """dX and dW alone, ours vs the dense GEMM doing the same product: shows which kernel lags."""
+    from llavit_kernels.ops import _modality_linear_triton as mlt
+
+    B, T, K, N = case["B"], case["T"], case["K"], case["N"]
+    M = B * T
+    x, w_t, _, w_i, _ = make_linear_inputs(B, T, K, N, device, dtype, False)
+    x2 = x.reshape(M, K)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    table = mlt.ml_tile_table(is_image.reshape(-1))
+    shape = {"case": case["name"], "share": round(float(is_image.float().mean()), 3), "M": M, "K": K, "N": N}
+    flops = 2.0 * M * K * N
+    jobs = (
+        ("bwd_dx", "triton", lambda: mlt.ml_linear_dx(dy, table, w_t, w_i)),
+        ("bwd_dx", "dense_gemm", lambda: dy @ w_t),
+        ("bwd_dw", "triton", lambda: mlt.ml_linear_dw(dy, x2, table)),  # both dW_m and both db_m
+        ("bwd_dw", "dense_gemm", lambda: (dy.t() @ x2, dy.sum(0))),
+    )
+    records = []
+    for mode, provider, fn in jobs:
+        records.append(measure(fn, device, smoke, op=OP, provider=provider, shape=shape, dtype=dtype, mode=mode,
+                               flops=flops))
+        if provider == "triton":
+            records[-1]["autotune"] = _autotune_snapshot()
     return records
 
 
@@ -272,6 +310,7 @@ def main(argv=None):
     for case in main_cases(smoke):
         is_image = image_mask(case["B"], case["T"], case["spans"], device)
         records += bench_linear_case(case, is_image, device, dtype, smoke)
+        records += bench_backward_parts(case, is_image, device, dtype, smoke)
         save_results(records, name, args.out)
     for case in qkv_cases(smoke):
         records += bench_qkv_case(case, device, dtype, smoke)
@@ -283,6 +322,9 @@ def main(argv=None):
         save_results(records, name, args.out)
     print_table([r for r in records if r["op"] == OP], baseline="dense_gemm")
     print_table([r for r in records if r["op"] == OP + "_sweep"], baseline="dense_gemm")
+    for r in records:
+        if r["provider"] == "triton" and r.get("autotune") and r["op"] == OP and r["mode"] == "bwd_dw":
+            print(f"autotune picks after {r['shape']['case']}: {r['autotune']}")
     print_table([r for r in records if r["op"] == "modality_qkv"], baseline="dense_gemm_rope")
     path = save_results(records, name, args.out)
     plot_results([r for r in records if r["op"] == OP], path.with_suffix(".png"),

@@ -31,5 +31,5 @@ def test_script_smoke(tmp_path):
     # grouped_mm may be missing from a torch build; every other provider must produce a time
     assert all(r["error"] is None and r["ms"] > 0 for r in records if r["provider"] != "grouped_mm"), \
         [r for r in records if r["error"]]
-    assert {r["mode"] for r in records} == {"fwd", "fwd+bwd"}
+    assert {r["mode"] for r in records} == {"fwd", "fwd+bwd", "bwd_dx", "bwd_dw"}
     assert list(tmp_path.glob("modality_linear-smoke-*.json"))
