@@ -22,7 +22,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import HAS_CUDA, requires_cuda
+try:
+    from conftest import HAS_CUDA, requires_cuda  # tests/conftest.py
+except ImportError:  # another conftest module (e.g. bench/conftest.py) took the name in a combined run
+    HAS_CUDA = torch.cuda.is_available()
+    requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (GPU tier)")
 from llavit_kernels import SpanLayout, span_attention
 from llavit_kernels.ops import _span_attention_triton as T
 from llavit_kernels.ops.span_attention import span_attention_reference
