@@ -84,7 +84,7 @@ def grads(outs, inputs, gouts):
 
 def tolerance(dtype):
     # max-abs error allowed relative to the reference's magnitude (values here are O(1))
-    return {torch.float32: 2e-4, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}[dtype]
+    return {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}[dtype]
 
 
 def assert_close_to_f64(got, ref64, ref_lowp, dtype, what):
