@@ -90,7 +90,8 @@ def _meta(q: torch.Tensor, k: torch.Tensor):
     block_d = max(16, triton.next_power_of_2(head_dim))
     groups = q.shape[-2] // k.shape[-2]
     seq = max(q.shape[-3], k.shape[-3])
-    seq_bucket = max(128, triton.next_power_of_2(seq))
+    # Two autotune buckets (short / long sequences): each new key costs an autotuning pass.
+    seq_bucket = 1024 if seq <= 1024 else 16384
     upcast = K.INTERPRETING and q.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests want true fp32 dots
     return dict(GROUPS=groups, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=precision), seq_bucket
