@@ -159,12 +159,13 @@ def build_reference(plain, converted):
     return ref
 
 
-def reference_forward(ref, input_ids, attention_mask=None, bidirectional=True, **kwargs):
+def reference_forward(ref, input_ids, attention_mask=None, bidirectional=True, mask4d=None, **kwargs):
     ref._holder.is_image = input_ids == IMAGE_ID
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    mask = hf_image_mask(text_config_of(ref), input_ids, attention_mask, bidirectional)
-    return ref(input_ids=input_ids, attention_mask=mask, **kwargs)
+    if mask4d is None:
+        mask4d = hf_image_mask(text_config_of(ref), input_ids, attention_mask, bidirectional)
+    return ref(input_ids=input_ids, attention_mask=mask4d, **kwargs)
 
 
 def reference_param_name(name):
@@ -400,17 +401,18 @@ def test_convergence_tiny_llava_follows_reference_loss_curve():
         ids = torch.where(ids == IMAGE_ID, ids, torch.randint(0, 20, ids.shape, generator=gen))  # learnable text
         labels = torch.where((ids == IMAGE_ID) | (mask == 0), -100, ids)
         labels[:, 1:][mask[:, :-1] == 0] = -100
-        batches.append((ids, mask, labels, torch.randn(2, 3, 28, 28, generator=gen)))
+        mask4d = hf_image_mask(text_config_of(ref), ids, mask)  # built once per batch
+        batches.append((ids, mask, labels, torch.randn(2, 3, 28, 28, generator=gen), mask4d))
     curves = {}
     for name, net in (("llavit", model), ("reference", ref)):
         optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
         losses = []
         for step in range(30):
-            ids, mask, labels, pixels = batches[step % len(batches)]
+            ids, mask, labels, pixels, mask4d = batches[step % len(batches)]
             if name == "llavit":
                 loss = net(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels).loss
             else:
-                loss = reference_forward(net, ids, mask, labels=labels, pixel_values=pixels).loss
+                loss = reference_forward(net, ids, mask, mask4d=mask4d, labels=labels, pixel_values=pixels).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

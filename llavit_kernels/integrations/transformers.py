@@ -620,6 +620,11 @@ def apply_llavit(
         raise TypeError(f"model: found no Qwen2/Llama attention modules to convert in {type(model).__name__}")
     model._llavit_state = state
     _wrap_forward(model, image_token_id, state)
+    # The converted modules take their mask from the layout; with "llavit" as the text model's
+    # attention implementation, transformers builds no dense mask (and skips the host sync its
+    # sdpa mask path does to look for padding).
+    register_llavit_attention()
+    _text_config(model)._attn_implementation = "llavit"
 
     if separate_image_qkv:
         if isinstance(weights, str) and weights == "auto":
