@@ -51,13 +51,13 @@ def _span_bounds(img: torch.Tensor, segment_start: torch.Tensor, span_ids: Optio
     return span_start, span_end
 
 
-def _check_span_ids(span_ids, is_image):
+def _check_span_ids(span_ids, is_image, validate):
     check_tensor("span_ids", span_ids, dtypes=INTEGER_DTYPES, device=is_image.device)
     if span_ids.shape != is_image.shape:
         raise ValueError(
             f"span_ids: expected shape {tuple(is_image.shape)} (the shape of is_image), got {tuple(span_ids.shape)}"
         )
-    if should_validate_values():
+    if validate and should_validate_values():
         if bool(((span_ids != -1) & ~is_image).any()):
             raise ValueError("span_ids: expected -1 on every text token (is_image False), got a span id on a text token")
         if bool(((span_ids < 0) & is_image).any()):
@@ -122,6 +122,7 @@ class SpanLayout:
         attention_mask: Optional[torch.Tensor] = None,
         span_ids: Optional[torch.Tensor] = None,
         past_length: int = 0,
+        validate: bool = True,
     ) -> "SpanLayout":
         """Layout of a padded batch from a ``[B, T]`` bool image mask.
 
@@ -134,6 +135,9 @@ class SpanLayout:
             past_length: number of cached keys before these queries (chunked prefill / decode).
                 The queries attend causally to every cached token; image spans are bidirectional
                 only within these ``T`` tokens, so an image must not be split across chunks.
+            validate: check values (padding holes, span ids). Those checks need one host sync;
+                pass False on a hot path whose inputs are known good. Shape, dtype and device
+                checks always run; value checks are skipped anyway under torch.compile / capture.
         """
         check_tensor("is_image", is_image, dtypes=(torch.bool,), ndims=(2,))
         if not isinstance(past_length, int) or past_length < 0:
@@ -142,7 +146,7 @@ class SpanLayout:
         num_k = past_length + num_q
         device = is_image.device
         if span_ids is not None:
-            _check_span_ids(span_ids, is_image)
+            _check_span_ids(span_ids, is_image, validate)
         if attention_mask is None:
             valid_k = torch.ones(batch, num_k, dtype=torch.bool, device=device)
         else:
@@ -153,7 +157,7 @@ class SpanLayout:
                     f"got {tuple(attention_mask.shape)}"
                 )
             valid_k = attention_mask != 0
-            if should_validate_values():
+            if validate and should_validate_values():
                 # One run of ones per row: count 0->1 rises (with a virtual 0 in front).
                 padded = torch.cat([torch.zeros_like(valid_k[:, :1]), valid_k], dim=1).to(torch.int8)
                 rises = (padded[:, 1:] - padded[:, :-1] == 1).sum(dim=1)
@@ -203,12 +207,13 @@ class SpanLayout:
         attention_mask: Optional[torch.Tensor] = None,
         span_ids: Optional[torch.Tensor] = None,
         past_length: int = 0,
+        validate: bool = True,
     ) -> "SpanLayout":
         """Layout of a padded batch whose image tokens are ``input_ids == image_token_id``."""
         check_tensor("input_ids", input_ids, dtypes=INTEGER_DTYPES, ndims=(2,))
         if isinstance(image_token_id, bool) or not isinstance(image_token_id, int):
             raise TypeError(f"image_token_id: expected an int, got {type(image_token_id).__name__}")
-        return cls.from_image_mask(input_ids == image_token_id, attention_mask, span_ids, past_length)
+        return cls.from_image_mask(input_ids == image_token_id, attention_mask, span_ids, past_length, validate)
 
     @classmethod
     def from_packed(
@@ -216,16 +221,20 @@ class SpanLayout:
         is_image: torch.Tensor,
         cu_seqlens: torch.Tensor,
         span_ids: Optional[torch.Tensor] = None,
+        validate: bool = True,
     ) -> "SpanLayout":
-        """Layout of packed documents: ``is_image[N]`` and ``cu_seqlens[B+1]`` (0 first, N last)."""
+        """Layout of packed documents: ``is_image[N]`` and ``cu_seqlens[B+1]`` (0 first, N last).
+
+        ``validate=False`` skips the checks that read ``cu_seqlens`` / ``span_ids`` values (a host sync).
+        """
         check_tensor("is_image", is_image, dtypes=(torch.bool,), ndims=(1,))
         check_tensor("cu_seqlens", cu_seqlens, dtypes=INTEGER_DTYPES, ndims=(1,), device=is_image.device)
         if cu_seqlens.shape[0] < 2:
             raise ValueError(f"cu_seqlens: expected at least 2 entries (B+1 with B >= 1), got {cu_seqlens.shape[0]}")
         num_tokens = is_image.shape[0]
         if span_ids is not None:
-            _check_span_ids(span_ids, is_image)
-        if should_validate_values():
+            _check_span_ids(span_ids, is_image, validate)
+        if validate and should_validate_values():
             if int(cu_seqlens[0]) != 0:
                 raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {int(cu_seqlens[0])}")
             if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):

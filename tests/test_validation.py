@@ -204,3 +204,12 @@ def test_qkv_bad_heads_and_rope():
         modality_qkv(x, IMG, w, None, w, None, 4, 2, cos=torch.ones(4, 2))
     with pytest.raises(ValueError, match=r"cos: expected shape \(1, 4, 2\) or \(4, 2\)"):
         modality_qkv(x, IMG, w, None, w, None, 4, 2, cos=torch.ones(4, 3), sin=torch.ones(4, 3))
+
+
+def test_validate_false_skips_value_checks_only():
+    # a hole is not detected without validation (documented: the caller vouches for the input) ...
+    SpanLayout.from_image_mask(IMG, torch.tensor([[1, 0, 1, 1]]), validate=False)
+    SpanLayout.from_packed(IMG[0], torch.tensor([0, 3, 2, 4], dtype=torch.int32), validate=False)
+    # ... but metadata checks still run
+    with pytest.raises(ValueError, match=r"attention_mask: expected shape \(1, 4\)"):
+        SpanLayout.from_image_mask(IMG, torch.ones(1, 5), validate=False)
