@@ -4,6 +4,7 @@ Each config of every kernel is compiled for Hopper in bf16 and fp16 (the trainin
 specialisations Triton's launcher applies at run time (16-aligned pointers, widths and strides that
 are multiples of 16, unit strides as constants), then checked for: no local memory (spills: LOCAL
 and STACK both 0), shared memory within the H100's 227 KB, and warpgroup MMA (HGMMA) in the GEMMs.
+The opt-in TMA variant of the GEMM is compiled the same way (tensor-descriptor arguments).
 No GPU needed; one subprocess pool for all compiles (tests/sm90.py).
 """
 
@@ -14,6 +15,7 @@ import inspect
 import pytest
 
 from llavit_kernels.ops import _modality_linear_kernels as kern
+from llavit_kernels.ops import _modality_linear_tma as tma
 from sm90 import H100_SHARED_LIMIT, compile_sm90, compile_sm90_many
 
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
@@ -59,6 +61,22 @@ def _grad_job(dtype, rope):
                 divisible_by_16=ptrs, _id=f"qkv_grad-rope{rope}-{dtype}")
 
 
+def _tma_job(cfg, dtype, w_is_nk):
+    bn, bk, bm = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], kern.TILE_M_GPU
+    el = dtype
+    b_block = f"[{bn}, {bk}]" if w_is_nk else f"[{bk}, {bn}]"
+    sig = dict(a_desc=f"tensordesc<{el}[{bm}, {bk}]>", bt_desc=f"tensordesc<{el}{b_block}>",
+               bi_desc=f"tensordesc<{el}{b_block}>")
+    ptrs = ["biast_ptr", "biasi_ptr", "table_ptr", "out_ptr"]
+    sig.update({p: DTYPES[dtype] for p in ptrs})
+    sig.update(table_ptr="*i32", M="i32", N="i32", K="i32", stride_om="i32", n_slots="i32", has_bias_text="i32",
+               has_bias_image="i32")
+    consts = dict(W_IS_NK=w_is_nk, HAS_BIAS=w_is_nk, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=bm, **cfg.kwargs)
+    return dict(kernel=tma.routed_mm_tma_kernel, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, divisible_by_16=ptrs + ["N", "K", "stride_om"],
+                _id=f"tma-{'fwd' if w_is_nk else 'dx'}-{dtype}-{cfg}")
+
+
 def _all_jobs():
     jobs = []
     for cfg in kern.gemm_configs(interpret=False):
@@ -73,6 +91,10 @@ def _all_jobs():
     for dtype in DTYPES:
         for rope in (False, True):
             jobs.append(_grad_job(dtype, rope))
+    for cfg in tma.tma_configs(interpret=False):
+        for dtype in DTYPES:
+            jobs.append(_tma_job(cfg, dtype, True))
+        jobs.append(_tma_job(cfg, "bf16", False))
     return jobs
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from llavit_kernels import SpanLayout
 from llavit_kernels.ops import _modality_linear_kernels as kern
+from llavit_kernels.ops import _modality_linear_tma as tma
 from llavit_kernels.ops import _modality_linear_triton as mlt
 from llavit_kernels.ops.modality_linear import (
     modality_linear,
@@ -262,6 +263,37 @@ def test_gpu_config_tile_shapes_in_interpreter():
             check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float32)
 
 
+@pytest.fixture
+def use_tma(monkeypatch):
+    monkeypatch.setattr(tma, "USE_TMA", True)
+    calls = []
+    launch = tma.launch_mm_tma
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["transpose_b"])
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(tma, "launch_mm_tma", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["mixed", "one_token_spans", "all_image"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_tma_variant(name, dtype, use_tma, poison):
+    # the opt-in TMA main loop (forward and dX); widths keep rows 16-byte aligned so it is taken
+    M, spans = named_layouts(TM)[name]
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 40, 24, dtype, DEV, bias=(True, name != "mixed"))
+    check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, dtype)
+    assert use_tma == [False, True], use_tma  # forward then dX went through TMA
+
+
+def test_linear_tma_falls_back_when_unaligned(use_tma):
+    M, spans = named_layouts(TM)["mixed"]
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 19, 24, torch.float32, DEV)  # 76-byte rows
+    check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.float32)
+    assert use_tma == [], use_tma
+
+
 def test_linear_deterministic():
     M, spans = named_layouts(TM)["mixed"]
     is_image = mask_from_runs(M, spans)
@@ -478,6 +510,21 @@ def test_gpu_every_config_bf16():
             x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 192, (H + 2 * Hkv) * D, torch.bfloat16, GPU)
             cos, sin = rope_tables(M, D, GPU)
             check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.bfloat16)
+
+
+@requires_cuda
+def test_gpu_tma_every_config_bf16(monkeypatch):
+    monkeypatch.setattr(tma, "USE_TMA", True)
+    M, spans = named_layouts(128)["mixed"]
+    is_image = mask_from_runs(M, spans, GPU)
+    saved = tma.routed_mm_tma_kernel.configs, tma.routed_mm_tma_kernel.cache
+    try:
+        for cfg in tma.TMA_CONFIGS:
+            tma.routed_mm_tma_kernel.configs, tma.routed_mm_tma_kernel.cache = [cfg], {}
+            x, w_t, b_t, w_i, b_i = make_linear_inputs((M,), 200, 328, torch.bfloat16, GPU)
+            check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.bfloat16)
+    finally:
+        tma.routed_mm_tma_kernel.configs, tma.routed_mm_tma_kernel.cache = saved
 
 
 @requires_cuda

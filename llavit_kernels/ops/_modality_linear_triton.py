@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import _modality_linear_kernels as K_
+from . import _modality_linear_tma as _tma
 from ._modality_linear_kernels import cdiv
 
 __all__ = ["modality_linear_triton", "modality_qkv_triton"]
@@ -49,6 +50,10 @@ def _dw_split(M: int, N: int, K: int, device: torch.device) -> int:
 # ----------------------------------------------------------------------------- launchers
 def _launch_mm(a, w_t, w_i, b_t, b_i, table, out, *, transpose_b: bool, qkv=None):
     """out = A @ B_mod^T (+ bias); B given as [N_b, K_b] weights read directly or transposed."""
+    if qkv is None and _tma.USE_TMA and _tma.tma_eligible(a, w_t, w_i):
+        _tma.launch_mm_tma(a, w_t, w_i, b_t, b_i, table, out, transpose_b=transpose_b,
+                           upcast=_upcast(a.dtype), precision=_dot_precision(a.dtype))
+        return
     M = a.shape[0]
     if transpose_b:  # dX = dY @ W: the output width is W's column count
         N, Kr = w_t.shape[1], w_t.shape[0]
