@@ -4,6 +4,7 @@
 
 Providers, one run, same inputs (bf16 on CUDA):
   triton          ours: tile table + routed GEMM (llavit_kernels, backend="triton")
+  triton_tma      ours with the opt-in TMA main loop for fwd and dX (off by default until timed)
   dense_gemm      one F.linear of the same size: the floor (no routing at all)
   where_2gemm     both GEMMs + torch.where (twice the FLOPs; the reference)
   index_scatter   boolean index + two partial GEMMs + scatter (CogVLM style; host sync)
@@ -109,6 +110,10 @@ def linear_providers(x, is_image, w_t, b_t, w_i, b_i):
     def triton_ours():
         return modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
 
+    def triton_tma():  # the opt-in TMA main loop for fwd and dX (dW unchanged)
+        with _TMA():
+            return modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
+
     def dense_gemm():
         return F.linear(x, w_t, b_t)
 
@@ -139,9 +144,29 @@ def linear_providers(x, is_image, w_t, b_t, w_i, b_i):
         y = y + torch.where(img[:, None], b_i, b_t)
         return y.view(*x.shape[:-1], -1)
 
-    providers = {"triton": triton_ours, "dense_gemm": dense_gemm, "where_2gemm": where_2gemm,
+    providers = {"triton": triton_ours, "triton_tma": triton_tma, "dense_gemm": dense_gemm, "where_2gemm": where_2gemm,
                  "index_scatter": index_scatter, "grouped_mm": grouped_mm}
     return providers, [x, w_t, b_t, w_i, b_i, w_stack]
+
+
+class _TMA:
+    """Context: route fwd and dX through the TMA variant (the backward runs outside the provider call)."""
+
+    def __enter__(self):
+        from llavit_kernels.ops import _modality_linear_tma as tma
+
+        self.mod, self.before = tma, tma.USE_TMA
+        tma.USE_TMA = True
+
+    def __exit__(self, *exc):
+        self.mod.USE_TMA = self.before
+
+
+def _with_tma(fn):
+    def run():
+        with _TMA():
+            return fn()
+    return run
 
 
 def _fwd_bwd(fn, params):
@@ -203,9 +228,11 @@ def bench_linear_case(case, is_image, device, dtype, smoke, providers=None, op=O
             if providers is not None and name not in providers:
                 continue
             run = _fwd_bwd(fn, params) if train else torch.no_grad()(fn)
+            if name == "triton_tma":  # the flag must also cover the backward's dX
+                run = _with_tma(run)
             records.append(measure(run, device, smoke, op=op, provider=name, shape=shape, dtype=dtype,
                                    mode=mode, flops=flops))
-            if name == "triton":
+            if name.startswith("triton"):
                 records[-1]["autotune"] = _autotune_snapshot()
         del x, w_t, b_t, w_i, b_i, provs, params
     return records
@@ -215,8 +242,11 @@ def _autotune_snapshot():
     """The configs the autotuner picked so far (key -> config), recorded with our timings."""
     from llavit_kernels.ops import _modality_linear_kernels as kern
 
-    return {name: {str(k): str(v) for k, v in kernel.cache.items()}
-            for name, kernel in (("routed_mm", kern.routed_mm_kernel), ("routed_dw", kern.routed_dw_kernel))}
+    from llavit_kernels.ops import _modality_linear_tma as tma
+
+    kernels = (("routed_mm", kern.routed_mm_kernel), ("routed_dw", kern.routed_dw_kernel),
+               ("routed_mm_tma", tma.routed_mm_tma_kernel))
+    return {name: {str(k): str(v) for k, v in kernel.cache.items()} for name, kernel in kernels}
 
 
 def bench_backward_parts(case, is_image, device, dtype, smoke):
@@ -233,6 +263,7 @@ def bench_backward_parts(case, is_image, device, dtype, smoke):
     flops = 2.0 * M * K * N
     jobs = (
         ("bwd_dx", "triton", lambda: mlt.ml_linear_dx(dy, table, w_t, w_i)),
+        ("bwd_dx", "triton_tma", _with_tma(lambda: mlt.ml_linear_dx(dy, table, w_t, w_i))),
         ("bwd_dx", "dense_gemm", lambda: dy @ w_t),
         ("bwd_dw", "triton", lambda: mlt.ml_linear_dw(dy, x2, table)),  # both dW_m and both db_m
         ("bwd_dw", "dense_gemm", lambda: (dy.t() @ x2, dy.sum(0))),
@@ -241,7 +272,7 @@ def bench_backward_parts(case, is_image, device, dtype, smoke):
     for mode, provider, fn in jobs:
         records.append(measure(fn, device, smoke, op=OP, provider=provider, shape=shape, dtype=dtype, mode=mode,
                                flops=flops))
-        if provider == "triton":
+        if provider.startswith("triton"):
             records[-1]["autotune"] = _autotune_snapshot()
     return records
 

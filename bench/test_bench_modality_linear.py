@@ -26,7 +26,7 @@ def test_modality_linear_providers(timed, provider):
 def test_script_smoke(tmp_path):
     records = bml.main(["--smoke", "--out", str(tmp_path)])
     providers = {r["provider"] for r in records}
-    assert providers >= {"triton", "dense_gemm", "where_2gemm", "index_scatter", "grouped_mm", "qkv_fused_rope",
+    assert providers >= {"triton", "triton_tma", "dense_gemm", "where_2gemm", "index_scatter", "grouped_mm", "qkv_fused_rope",
                          "qkv_unfused_rope"}
     # grouped_mm may be missing from a torch build; every other provider must produce a time
     assert all(r["error"] is None and r["ms"] > 0 for r in records if r["provider"] != "grouped_mm"), \
