@@ -89,8 +89,9 @@ def main_cases(smoke):
 def sweep_cases(smoke):
     if smoke:
         return [dict(name="smoke", B=1, T=48, K=32, N=32, share=s) for s in (0.0, 0.5)]
-    cases = [dict(name="7B", B=b, T=2048, K=3584, N=4608, share=0.28) for b in (2, 4, 16)]
-    cases += [dict(name="7B", B=8, T=2048, K=3584, N=4608, share=s) for s in (0.0, 0.1, 0.5, 0.9, 1.0)]
+    # kept short: the whole script must fit the GPU script's ~100 s stage with compiles and autotuning
+    cases = [dict(name="7B", B=b, T=2048, K=3584, N=4608, share=0.28) for b in (2, 16)]
+    cases += [dict(name="7B", B=8, T=2048, K=3584, N=4608, share=s) for s in (0.0, 0.1, 0.5, 1.0)]
     return cases
 
 
