@@ -19,7 +19,6 @@ from sm90 import H100_SHARED_LIMIT, compile_sm90_many
 
 DTYPES = ("bf16", "fp16")
 HEAD_DIMS = (64, 80, 96, 128)
-GROUPS = 7  # Qwen2.5-7B: 28 query heads over 4 KV heads (the dK/dV kernel loops over them)
 
 # kernel name -> (kernel, activation pointers, fp32 pointers, int32 pointers, config table)
 KERNELS = {
@@ -70,7 +69,7 @@ def _jobs():
         block_d = max(16, 1 << (head_dim - 1).bit_length())
         for block_m, block_n, warps, stages in table[K.table_block_d(block_d)]:
             constexprs = dict(
-                GROUPS=GROUPS, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                HEAD_DIM=head_dim, BLOCK_D=block_d,
                 UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n,
             )
             jobs.append(dict(kernel=kernel, signature=sig, constexprs=constexprs, num_warps=warps, num_stages=stages,
@@ -86,7 +85,7 @@ def _jobs():
     for kname, (kernel, acts, f32, i32, table) in KERNELS.items():
         sig = _signature(kernel, "fp32", acts, f32, i32)
         block_m, block_n, warps, stages = table[64][0]
-        constexprs = dict(GROUPS=2, HEAD_DIM=64, BLOCK_D=64, UPCAST=False, DOT_PRECISION="ieee",
+        constexprs = dict(HEAD_DIM=64, BLOCK_D=64, UPCAST=False, DOT_PRECISION="ieee",
                           BLOCK_M=block_m, BLOCK_N=block_n)
         jobs.append(dict(kernel=kernel, signature=sig, constexprs=constexprs, num_warps=warps, num_stages=stages,
                          divisible_by_16=_aligned(sig)))

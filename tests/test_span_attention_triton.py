@@ -28,6 +28,7 @@ except ImportError:  # another conftest module (e.g. bench/conftest.py) took the
     HAS_CUDA = torch.cuda.is_available()
     requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (GPU tier)")
 from llavit_kernels import SpanLayout, span_attention
+from llavit_kernels.ops import _span_attention_kernels as K
 from llavit_kernels.ops import _span_attention_triton as T
 from llavit_kernels.ops.span_attention import span_attention_reference
 
@@ -45,9 +46,17 @@ pytestmark = [
 ]
 
 
+def _clear_autotune_caches():
+    for kernel in (K.span_fwd_kernel, K.span_bwd_dq_kernel, K.span_bwd_dkdv_kernel):
+        kernel.cache.clear()
+
+
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(T, "POISON_OUTPUTS", True)
+    # On a GPU: one config per kernel (one compile each) keeps the tier fast on a cold machine;
+    # test_gpu_every_autotune_config covers the other configs.
+    monkeypatch.setattr(K, "AUTOTUNE", False)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -369,6 +378,22 @@ def test_gpu_realistic_sizes(dtype, head_dim):
     layout = padded_layout(rng, batch=2, length=777, image_share=0.3, pad="left")
     q, k, v, do = make_qkv(layout, heads=8, kv_heads=2, head_dim=head_dim, dtype=dtype)
     check_against_reference(layout, q, k, v, do)
+
+
+@requires_cuda
+@pytest.mark.parametrize("config_index", [0, 1, 2])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_every_autotune_config(monkeypatch, config_index, head_dim):
+    # Autotuning picks one config per shape; each config of the tables must be correct on its own.
+    monkeypatch.setattr(K, "FORCE_CONFIG", config_index)
+    _clear_autotune_caches()
+    try:
+        rng = random.Random(config_index)
+        layout = padded_layout(rng, batch=2, length=333, image_share=0.3, pad="left")
+        q, k, v, do = make_qkv(layout, heads=6, kv_heads=2, head_dim=head_dim, dtype=torch.bfloat16)
+        check_against_reference(layout, q, k, v, do)
+    finally:
+        _clear_autotune_caches()
 
 
 @requires_cuda

@@ -83,17 +83,34 @@ def _autotune_configs(kind: str):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in entries]
 
 
+# Test hooks, read by the config pruner at autotuning time (clear an autotuner's ``.cache`` after
+# changing them): AUTOTUNE = False always takes the first config of the table (fast GPU test runs:
+# one compile per kernel instead of one per config); FORCE_CONFIG = i takes entry i of the table
+# (GPU-tier correctness of every config).
+AUTOTUNE = True
+FORCE_CONFIG = None
+
+
 def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
-        allowed = set(active_configs(kind, named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))))
+        table = active_configs(kind, named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128)))
+        if FORCE_CONFIG is not None:
+            table = [table[FORCE_CONFIG % len(table)]]
+        elif not AUTOTUNE:
+            table = table[:1]
+        allowed = set(table)
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
         return kept or configs[:1]
 
     return prune
 
 
-_AUTOTUNE_KEY = ["BLOCK_D", "SEQ_BUCKET", "GROUPS"]
+_AUTOTUNE_KEY = ["BLOCK_D", "SEQ_BUCKET"]
 
+
+# Sizes and counts (H, Tq, Tk, groups, ...) are marked do_not_specialize on every kernel: Triton would
+# otherwise compile a variant per "== 1" / "% 16 == 0" class of each, i.e. per shape class of the
+# batch. Strides keep their alignment specialisation (vectorised loads).
 
 # ----------------------------------------------------------------------------- block ranges
 @triton.jit
@@ -152,7 +169,7 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Tq", "Tk", "SEQ_BUCKET", "groups"])
 def _span_fwd_kernel(
     Q, K, V, O, LSE, KV_START, KV_END,
     stride_qb, stride_qt, stride_qh,
@@ -161,7 +178,7 @@ def _span_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_ib, stride_lb, stride_lh,
     H, Tq, Tk, softmax_scale, SEQ_BUCKET,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    groups, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -171,7 +188,7 @@ def _span_fwd_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    hk = h // GROUPS
+    hk = h // groups
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -213,7 +230,7 @@ def _span_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Tq"])
 def _span_bwd_pre_kernel(
     O, DO, DLSE, DELTA,
     stride_ob, stride_ot, stride_oh,
@@ -275,7 +292,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Tq", "Tk", "SEQ_BUCKET", "groups"])
 def _span_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
     stride_qb, stride_qt, stride_qh,
@@ -285,7 +302,7 @@ def _span_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     stride_ib, stride_lb, stride_lh,
     H, Tq, Tk, softmax_scale, SEQ_BUCKET,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    groups, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -294,7 +311,7 @@ def _span_bwd_dq_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    hk = h // GROUPS
+    hk = h // groups
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -377,7 +394,7 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HKV", "Tq", "Tk", "SEQ_BUCKET", "groups"])
 def _span_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END, Q_START, Q_END,
     stride_qb, stride_qt, stride_qh,
@@ -388,7 +405,7 @@ def _span_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh,
     stride_ib, stride_jb, stride_lb, stride_lh,
     HKV, Tq, Tk, softmax_scale, SEQ_BUCKET,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    groups, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -418,8 +435,8 @@ def _span_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(GROUPS):
-        h = hk * GROUPS + g
+    for g in range(0, groups):  # the query heads of this KV head, summed here: no atomics
+        h = hk * groups + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         lse_base = LSE + b * stride_lb + h * stride_lh

@@ -5,7 +5,7 @@ The ops are registered with ``torch.library.custom_op`` and ``register_fake`` an
 CUDA-graph capture works: grid sizes come from shapes only; the launch path never reads tensor
 values (no ``.item()``, ``.tolist()``, ``nonzero()``). Kernels live in ``_span_attention_kernels``.
 
-Autotuning happens on the first call for a (head dim, sequence bucket, GQA groups, dtype) key; warm
+Autotuning happens on the first call for a (head dim, sequence bucket, dtype) key; warm
 up once before capturing a CUDA graph.
 """
 
@@ -94,7 +94,7 @@ def _meta(q: torch.Tensor, k: torch.Tensor):
     seq_bucket = 1024 if seq <= 1024 else 16384
     upcast = K.INTERPRETING and q.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests want true fp32 dots
-    return dict(GROUPS=groups, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=precision), seq_bucket
+    return dict(groups=groups, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=precision), seq_bucket
 
 
 def _forward_impl(q, k, v, kv_start, kv_end, softmax_scale):
