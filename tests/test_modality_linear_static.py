@@ -77,6 +77,19 @@ def _tma_job(cfg, dtype, w_is_nk):
                 _id=f"tma-{'fwd' if w_is_nk else 'dx'}-{dtype}-{cfg}")
 
 
+def _table_jobs():
+    common = dict(TILE_M=kern.TILE_M_GPU, WINDOW=kern.TABLE_WINDOW)
+    return [
+        dict(kernel=kern.tile_count_kernel, signature=dict(img_ptr="*u8", counts_ptr="*i32", M="i32"),
+             constexprs=common, num_warps=4, num_stages=1, divisible_by_16=["img_ptr", "counts_ptr"],
+             _id="tile_count"),
+        dict(kernel=kern.tile_write_kernel,
+             signature=dict(img_ptr="*u8", counts_ptr="*i32", table_ptr="*i32", M="i32", n_windows="i32"),
+             constexprs=dict(common, WINDOWS_P2=64), num_warps=4, num_stages=1,
+             divisible_by_16=["img_ptr", "counts_ptr", "table_ptr"], _id="tile_write"),
+    ]
+
+
 def _all_jobs():
     jobs = []
     for cfg in kern.gemm_configs(interpret=False):
@@ -91,6 +104,7 @@ def _all_jobs():
     for dtype in DTYPES:
         for rope in (False, True):
             jobs.append(_grad_job(dtype, rope))
+    jobs += _table_jobs()
     for cfg in tma.tma_configs(interpret=False):
         for dtype in DTYPES:
             jobs.append(_tma_job(cfg, dtype, True))
@@ -149,7 +163,8 @@ def test_every_config_compiles_for_sm90_without_spills(compiled):
             problems.append(f"spills: LOCAL={res['local_bytes']} STACK={res['stack_bytes']}")
         if res["shared_total"] > H100_SHARED_LIMIT:
             problems.append(f"shared {res['shared_total']} B > {H100_SHARED_LIMIT}")
-        if job["kernel"] is not kern.qkv_grad_kernel and not res["hgmma"]:
+        gemm = job["kernel"] in (kern.routed_mm_kernel, kern.routed_dw_kernel, tma.routed_mm_tma_kernel)
+        if gemm and not res["hgmma"]:
             problems.append("no HGMMA in SASS")
         if problems:
             bad.append(f"{name} (regs {res['registers']}): {'; '.join(problems)}")

@@ -153,7 +153,9 @@ def check_linear(is_image, x, w_t, b_t, w_i, b_i, dtype, backend="triton"):
 # ----------------------------------------------------------------------------- tile table
 def _check_table(is_image: torch.Tensor, tm: int):
     M = is_image.numel()
-    table = kern.build_tile_table(is_image, tm).tolist()
+    table_t = kern.build_tile_table(is_image, tm)  # the Triton builder (two launches)
+    assert torch.equal(table_t, kern.build_tile_table_torch(is_image, tm)), "Triton and torch tile tables differ"
+    table = table_t.tolist()
     starts, ends = table[: M + 1], table[M + 1: 2 * M + 2]
     n_text, n_total = table[2 * M + 2], table[2 * M + 3]
     runs = 1 + int((is_image[1:] != is_image[:-1]).sum()) if M else 0
@@ -179,9 +181,21 @@ def test_tile_table_named(name, tm):
 
 
 @settings(max_examples=60)
-@given(st.lists(st.booleans(), min_size=1, max_size=90), st.sampled_from([1, 2, 3, 16]))
+@given(st.lists(st.booleans(), min_size=1, max_size=90), st.sampled_from([1, 2, 4, 16]))
 def test_tile_table_fuzz(bits, tm):
     _check_table(torch.tensor(bits, dtype=torch.bool), tm)
+
+
+@pytest.mark.parametrize("M", [1023, 1024, 1025, 2 * 1024 + 77])
+def test_tile_table_across_windows(M):
+    # the Triton builder works in windows of TABLE_WINDOW tokens: runs crossing window edges
+    assert kern.TABLE_WINDOW == 1024
+    is_image = torch.zeros(M, dtype=torch.bool, device=DEV)
+    is_image[1000:1030] = True
+    is_image[M - 5:] = True
+    is_image[2040:2050] = True
+    for tm in (TM, 128):
+        _check_table(is_image, tm)
 
 
 # ----------------------------------------------------------------------------- modality_linear (interpreter)

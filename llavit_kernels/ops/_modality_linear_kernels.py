@@ -1,6 +1,6 @@
 """Triton kernels of the modality-routed projection (see docs/modality_linear.md).
 
-Three kernels, all driven by one device-built tile table (``build_tile_table``):
+Three kernels, all driven by one device-built tile table (``build_tile_table``, two launches):
 
 * ``routed_mm_kernel``: ``out[m, n] = sum_k A[m, k] B_mod(m)[n, k] (+ bias_mod(m)[n])`` over tiles of
   at most ``TILE_M`` rows that never cross a modality edge. Forward (A = x, B = W) and dX
@@ -19,9 +19,9 @@ The tile table (int32, ``2 * (M + 1) + 2`` entries)::
     table[2M+2]           number of text tiles
     table[2M+3]           number of tiles
 
-Each maximal run of one modality is cut into tiles of TILE_M rows starting at the run start, so
-there are at most ``cdiv(M, TILE_M) + runs`` tiles and never more than ``M``: the table is sized by
-that shape-only bound. Programs of the GEMM kernels take "slots" and loop over tiles
+Tiles are the intersections of the aligned ``TILE_M``-row blocks with the maximal runs of one
+modality, so there are at most ``cdiv(M, TILE_M) + runs`` tiles and never more than ``M``: the table
+is sized by that shape-only bound. Programs of the GEMM kernels take "slots" and loop over tiles
 ``slot, slot + slots, ...``, so the grid depends on shapes only and any layout is covered (a layout
 with more runs than the slack makes some programs run two tiles instead of failing).
 """
@@ -47,23 +47,26 @@ def cdiv(a: int, b: int) -> int:
 
 
 # ----------------------------------------------------------------------------- tile table
-def build_tile_table(is_image: torch.Tensor, tile_m: int = TILE_M) -> torch.Tensor:
-    """Tile table of a flat ``[M]`` bool modality vector; tensor ops only (no host sync)."""
+# A tile starts at every multiple of TILE_M and at every modality change, and ends where the next
+# one starts: the intersections of the aligned row blocks with the runs of one modality. Every
+# quantity is local to an aligned block except the slot numbering (text tiles first, then image
+# tiles), so the table is built by two small launches (count per window, then write), not a scan.
+TABLE_WINDOW = 1024  # tokens per program of the table kernels (a multiple of every TILE_M)
+
+
+def build_tile_table_torch(is_image: torch.Tensor, tile_m: int = TILE_M) -> torch.Tensor:
+    """The tile table from tensor ops only (reference for the Triton builder; no host sync)."""
     M = is_image.numel()
     device = is_image.device
     img = is_image.reshape(-1)
     idx = torch.arange(M, device=device, dtype=torch.int64)
-    changes = img[1:] != img[:-1]
     true1 = torch.ones(1, dtype=torch.bool, device=device)
-    run_first = torch.cat([true1, changes])
-    run_last = torch.cat([changes, true1])
-    run_start = torch.cummax(torch.where(run_first, idx, torch.zeros_like(idx)), dim=0).values
-    end_marks = torch.where(run_last, idx + 1, torch.full_like(idx, M))
-    run_end = torch.cummin(end_marks.flip(0), dim=0).values.flip(0)
-    tile_first = (idx - run_start) % tile_m == 0
-    tile_end_at = torch.minimum(idx + tile_m, run_end)
-    cum_text = torch.cumsum((tile_first & ~img).to(torch.int64), 0)
-    cum_image = torch.cumsum((tile_first & img).to(torch.int64), 0)
+    first = torch.cat([true1, img[1:] != img[:-1]]) | (idx % tile_m == 0)
+    marks = torch.where(first, idx, torch.full_like(idx, M))
+    after = torch.cat([marks[1:], torch.full_like(marks[:1], M)])
+    tile_end_at = torch.cummin(after.flip(0), dim=0).values.flip(0)  # next tile start after each token
+    cum_text = torch.cumsum((first & ~img).to(torch.int64), 0)
+    cum_image = torch.cumsum((first & img).to(torch.int64), 0)
     n_text = cum_text[-1:]
     n_total = n_text + cum_image[-1:]
     j = torch.arange(M + 1, device=device, dtype=torch.int64)
@@ -73,6 +76,84 @@ def build_tile_table(is_image: torch.Tensor, tile_m: int = TILE_M) -> torch.Tens
     start = torch.where(j < n_text, start_text, start_image)  # M where no tile
     end = torch.where(start < M, tile_end_at.gather(0, start.clamp(max=M - 1)), torch.full_like(start, M))
     return torch.cat([start, end, n_text, n_total]).to(torch.int32)
+
+
+@triton.jit
+def _tile_firsts(img_ptr, w0, M, TILE_M: tl.constexpr, WINDOW: tl.constexpr):
+    i = w0 + tl.arange(0, WINDOW)
+    ok = i < M
+    img = tl.load(img_ptr + i, mask=ok, other=0) != 0
+    prev = tl.load(img_ptr + i - 1, mask=ok & (i > 0), other=0) != 0
+    first = ok & (((i % TILE_M) == 0) | (img != prev))
+    return i, ok, img, first
+
+
+@triton.jit
+def tile_count_kernel(img_ptr, counts_ptr, M, TILE_M: tl.constexpr, WINDOW: tl.constexpr):
+    """counts[w] = (text tiles, image tiles) starting in window w."""
+    w = tl.program_id(0)
+    i, ok, img, first = _tile_firsts(img_ptr, w * WINDOW, M, TILE_M, WINDOW)
+    tl.store(counts_ptr + 2 * w, tl.sum((first & ~img).to(tl.int32), axis=0))
+    tl.store(counts_ptr + 2 * w + 1, tl.sum((first & img).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _min_i32(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def tile_write_kernel(img_ptr, counts_ptr, table_ptr, M, n_windows,
+                      TILE_M: tl.constexpr, WINDOW: tl.constexpr, WINDOWS_P2: tl.constexpr):
+    """Write the starts / ends of the tiles starting in window w, and fill window w's unused slots."""
+    w = tl.program_id(0)
+    wi = tl.arange(0, WINDOWS_P2)
+    text_counts = tl.load(counts_ptr + 2 * wi, mask=wi < n_windows, other=0)
+    image_counts = tl.load(counts_ptr + 2 * wi + 1, mask=wi < n_windows, other=0)
+    n_text = tl.sum(text_counts, axis=0)
+    n_total = n_text + tl.sum(image_counts, axis=0)
+    text_before = tl.sum(tl.where(wi < w, text_counts, 0), axis=0)
+    image_before = tl.sum(tl.where(wi < w, image_counts, 0), axis=0)
+
+    w0 = w * WINDOW
+    i, ok, img, first = _tile_firsts(img_ptr, w0, M, TILE_M, WINDOW)
+    is_text = first & ~img
+    is_image = first & img
+    slot = tl.where(img, n_text + image_before + tl.cumsum(is_image.to(tl.int32), axis=0),
+                    text_before + tl.cumsum(is_text.to(tl.int32), axis=0)) - 1
+    # the next tile start after each token: the window ends on an aligned row, itself a tile start
+    bound = tl.minimum(w0 + WINDOW, M)
+    first_next = _tile_firsts(img_ptr, w0 + 1, M, TILE_M, WINDOW)[3]
+    next_start = tl.associative_scan(tl.where(first_next, i + 1, bound), 0, _min_i32, reverse=True)
+    tl.store(table_ptr + slot, i, mask=first)
+    tl.store(table_ptr + M + 1 + slot, tl.minimum(next_start, bound), mask=first)
+    # unused slots [n_total, M] hold start = end = M; window w fills those among [w0, w0 + WINDOW)
+    s = w0 + tl.arange(0, WINDOW)
+    unused = (s >= n_total) & (s <= M)
+    tl.store(table_ptr + s, tl.zeros_like(s) + M, mask=unused)
+    tl.store(table_ptr + M + 1 + s, tl.zeros_like(s) + M, mask=unused)
+    if w == 0:
+        tl.store(table_ptr + 2 * M + 2, n_text)
+        tl.store(table_ptr + 2 * M + 3, n_total)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def build_tile_table(is_image: torch.Tensor, tile_m: int = TILE_M) -> torch.Tensor:
+    """The tile table of a flat ``[M]`` bool modality vector, in two launches (no host sync)."""
+    if TABLE_WINDOW % tile_m:
+        raise ValueError(f"tile_m: expected a divisor of {TABLE_WINDOW}, got {tile_m}")
+    M = is_image.numel()
+    img = is_image.reshape(-1).contiguous().view(torch.uint8)
+    n_windows = cdiv(M + 1, TABLE_WINDOW)  # M + 1 slots to cover when filling the unused ones
+    counts = torch.empty(2 * n_windows, dtype=torch.int32, device=img.device)
+    table = torch.empty(tile_table_size(M), dtype=torch.int32, device=img.device)
+    tile_count_kernel[(n_windows,)](img, counts, M, TILE_M=tile_m, WINDOW=TABLE_WINDOW, num_warps=4)
+    tile_write_kernel[(n_windows,)](img, counts, table, M, n_windows, TILE_M=tile_m, WINDOW=TABLE_WINDOW,
+                                    WINDOWS_P2=max(_next_pow2(n_windows), 2), num_warps=4)
+    return table
 
 
 def tile_table_size(M: int) -> int:
