@@ -198,7 +198,18 @@ def cmd_demo(args):
     if args.variants:
         keys = list(VARIANTS)
         variants = [keys[int(i)] for i in args.variants.split(",")]
-    return main_demo(args.output_dir, quick=args.quick, seed=args.seed, variants=variants, progress=not args.no_progress)
+    from dataclasses import replace
+
+    from .demo import QUICK, DemoSize
+
+    size = QUICK if args.quick else DemoSize()
+    for item in (args.size or "").split(","):
+        if item:
+            key, _, value = item.partition("=")
+            field_type = type(getattr(size, key))
+            size = replace(size, **{key: field_type(value)})
+    return main_demo(args.output_dir, quick=args.quick, seed=args.seed, variants=variants, progress=not args.no_progress,
+                     size=size)
 
 
 def main(argv=None):
@@ -223,6 +234,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="CI size (well under 2 minutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", help="comma-separated indices into the variant list (default: all five)")
+    p.add_argument("--size", help="override DemoSize fields, e.g. stage2_steps=600,text_layers=6")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_demo)
     args = parser.parse_args(argv)

@@ -27,23 +27,28 @@ log = logging.getLogger("llavit.demo")
 
 @dataclass
 class DemoSize:
-    image_size: int = 48
+    """Sizes of the CPU main job (defaults) and of the CI smoke run (QUICK)."""
+
+    image_size: int = 32  # 32 px, patch 8: 16 image tokens per image
     patch_size: int = 8
     vision_hidden: int = 64
-    vision_layers: int = 4
+    vision_layers: int = 4  # feature layers 1, 2, 4 (the paper's 5, 15, 23 scaled to depth 4)
     text_hidden: int = 128
     text_layers: int = 4
-    n_caption: int = 2000
+    n_caption: int = 3000
     n_qa: int = 6000
     n_heldout: int = 400
-    stage1_steps: int = 60
-    stage2_steps: int = 300
+    stage1_steps: int = 20
+    stage2_steps: int = 250
     batch_size: int = 32
     lr1: float = 2e-3
-    lr2: float = 1.5e-3
+    lr2: float = 3e-3
+    caption_mix: float = 0.5  # stage 2: captions per question
+    train_vision: bool = False  # stage 2 also trains the (random-init) CLIP tower
 
 
-QUICK = DemoSize(n_caption=256, n_qa=512, n_heldout=64, stage1_steps=8, stage2_steps=20, batch_size=16)
+QUICK = DemoSize(vision_hidden=32, vision_layers=3, text_hidden=64, text_layers=2, n_caption=128, n_qa=256,
+                 n_heldout=64, stage1_steps=3, stage2_steps=10, batch_size=16)
 
 # name -> (separate_image_qkv, bidirectional_image, feature_layers); None = default multi-layer
 VARIANTS = {
@@ -82,8 +87,12 @@ def build_tiny(tokenizer, size: DemoSize, seed: int = 0, **switches) -> LlavitFo
 def synthetic_datasets(tokenizer, size: DemoSize, seed: int = 0):
     n_tok = (size.image_size // size.patch_size) ** 2
     proc = SampleProcessor(tokenizer, size.image_size, n_tok, max_length=n_tok + 64)
-    stage1 = SafeDataset(synthetic_samples(size.n_caption, seed + 1, 1, size.image_size), proc)
-    stage2 = SafeDataset(synthetic_samples(size.n_qa, seed + 2, 2, size.image_size), proc)
+    captions = synthetic_samples(size.n_caption, seed + 1, 1, size.image_size)
+    stage1 = SafeDataset(captions, proc)
+    # Stage 2 mixes the questions with the captions (as LLaVA-1.5's instruction mix keeps caption-like
+    # data): dense per-word visual supervision helps the tiny random-init model ground its answers.
+    qa = synthetic_samples(size.n_qa, seed + 2, 2, size.image_size)
+    stage2 = SafeDataset(qa + captions[: int(size.caption_mix * len(qa))] if size.caption_mix else qa, proc)
     heldout = synthetic_samples(size.n_heldout, seed + HELDOUT_SEED_OFFSET, 2, size.image_size)
     return stage1, stage2, heldout
 
@@ -98,7 +107,10 @@ def run_variant(name, switches, tokenizer, data, size: DemoSize, output_dir, see
     s1 = train(model, stage1, TrainConfig(output_dir=os.path.join(output_dir, "stage1"), stage=1,
                                           max_steps=size.stage1_steps, lr=size.lr1, **common),
                pad_token_id=tokenizer.pad_token_id, history=history, tag=f"{name} | stage 1")
-    s2 = train(model, stage2, TrainConfig(output_dir=os.path.join(output_dir, "stage2"), stage=2,
+    from .trainer import STAGE_PATTERNS
+
+    patterns2 = STAGE_PATTERNS[2] + ([r"^vision_tower\."] if size.train_vision else [])
+    s2 = train(model, stage2, TrainConfig(output_dir=os.path.join(output_dir, "stage2"), stage=2, trainable=patterns2,
                                           max_steps=size.stage2_steps, lr=size.lr2, **common),
                pad_token_id=tokenizer.pad_token_id, history=history, tag=f"{name} | stage 2")
     train_s = time.perf_counter() - t0
