@@ -45,8 +45,10 @@ def _dw_job(cfg, dtype, split):
     ptrs = ["dy_ptr", "x_ptr", "table_ptr", "dwt_ptr", "dwi_ptr", "dbt_ptr", "dbi_ptr"]
     sig = {p: DTYPES[dtype] for p in ptrs}
     sig.update(table_ptr="*i32", dbt_ptr="*fp32", dbi_ptr="*fp32", M="i32", N="i32", K="i32")
-    if split > 1:  # split partials go to float32 workspaces
+    if split > 1:  # split partials go to float32 workspaces; one split writes dW, db in the dtype
         sig.update(dwt_ptr="*fp32", dwi_ptr="*fp32")
+    else:
+        sig.update(dbt_ptr=DTYPES[dtype], dbi_ptr=DTYPES[dtype])
     consts = dict(SPLIT=split, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=kern.TILE_M_GPU, **cfg.kwargs)
     return dict(kernel=kern.routed_dw_kernel, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, divisible_by_16=ptrs + ["N", "K"], _id=f"dw-split{split}-{dtype}-{cfg}")

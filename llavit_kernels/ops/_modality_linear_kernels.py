@@ -411,7 +411,7 @@ def routed_dw_kernel(
         acc, db = _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, lo + split, hi, SPLIT, cols_n, cols_k, n_ok, k_ok,
                             True, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         db_ptr = tl.where(modality == 1, dbi_ptr, dbt_ptr) + split * N
-        tl.store(db_ptr + cols_n, db, mask=n_ok)
+        tl.store(db_ptr + cols_n, db.to(dbt_ptr.dtype.element_ty), mask=n_ok)
     else:
         acc, db = _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, lo + split, hi, SPLIT, cols_n, cols_k, n_ok, k_ok,
                             False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)

@@ -177,8 +177,9 @@ def ml_linear_dw(dy: torch.Tensor, x: torch.Tensor, table: torch.Tensor) -> List
     else:
         dw_t = _new(dy, (split, N, Kd), torch.float32)
         dw_i = _new(dy, (split, N, Kd), torch.float32)
-    db_t = _new(dy, (split, N), torch.float32)
-    db_i = _new(dy, (split, N), torch.float32)
+    # one split: the kernel writes the final dW / db in the weights' dtype; else float32 partials
+    db_t = _new(dy, (N,)) if split == 1 else _new(dy, (split, N), torch.float32)
+    db_i = _new(dy, (N,)) if split == 1 else _new(dy, (split, N), torch.float32)
 
     def grid(meta):
         return (cdiv(N, meta["BLOCK_N"]) * cdiv(Kd, meta["BLOCK_K"]), 2 * split)
@@ -188,9 +189,9 @@ def ml_linear_dw(dy: torch.Tensor, x: torch.Tensor, table: torch.Tensor) -> List
         SPLIT=split, UPCAST=_upcast(dtype), DOT_PRECISION=_dot_precision(dtype), BLOCK_M=K_.TILE_M,
     )
     if split > 1:  # fixed-order sum over the splits: deterministic
-        dw_t = dw_t.sum(0).to(dtype)
-        dw_i = dw_i.sum(0).to(dtype)
-    return [dw_t, dw_i, db_t.sum(0).to(dtype), db_i.sum(0).to(dtype)]
+        dw_t, dw_i = dw_t.sum(0).to(dtype), dw_i.sum(0).to(dtype)
+        db_t, db_i = db_t.sum(0).to(dtype), db_i.sum(0).to(dtype)
+    return [dw_t, dw_i, db_t, db_i]
 
 
 @ml_linear_dw.register_fake
