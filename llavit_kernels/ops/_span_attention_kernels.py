@@ -29,16 +29,17 @@ import triton
 import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-LOG2E = 1.4426950408889634
 BIG = tl.constexpr(2147483647)  # int32 max: 'no row' sentinel in block statistics
 
 # ----------------------------------------------------------------------------- autotune configs
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per padded head dim BLOCK_D (64 or 128;
 # head dims 80 and 96 run with BLOCK_D = 128). Small lists: every entry is compiled for sm_90 in
 # tests/test_span_attention_static.py, which rejects spills and shared memory over the H100 limit.
-# Rules learnt from those compiles: 8 warps (two warpgroups) only pay off when the MMA's M side is
-# >= 128, and the dK/dV kernel keeps two [BLOCK_N, BLOCK_D] fp32 accumulators, so at BLOCK_D = 128
-# only BLOCK_N = 128 with 8 warps and a 16-query inner block fits without spilling.
+# What those compiles showed (registers/spills only; no GPU timings yet): 8 warps (two warpgroups)
+# want the MMA's M side >= 128; the dK/dV kernel keeps two [BLOCK_N, BLOCK_D] fp32 accumulators, and
+# at BLOCK_D = 128 only BLOCK_N = 128 with 8 warps and a 16-query inner block compiled without
+# spilling (64x64 with 4 or 8 warps, 32x128 and 64x128 all spilled); 128x128 fwd tiles spill at
+# head dims 80/96 (the d < HEAD_DIM masks cost registers).
 FWD_CONFIGS_GPU = {
     64: [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
     128: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2)],
