@@ -88,7 +88,7 @@ def _tile_firsts(img_ptr, w0, M, TILE_M: tl.constexpr, WINDOW: tl.constexpr):
     return i, ok, img, first
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def tile_count_kernel(img_ptr, counts_ptr, M, TILE_M: tl.constexpr, WINDOW: tl.constexpr):
     """counts[w] = (text tiles, image tiles) starting in window w."""
     w = tl.program_id(0)
@@ -102,7 +102,7 @@ def _min_i32(a, b):
     return tl.minimum(a, b)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_windows"])
 def tile_write_kernel(img_ptr, counts_ptr, table_ptr, M, n_windows,
                       TILE_M: tl.constexpr, WINDOW: tl.constexpr, WINDOWS_P2: tl.constexpr):
     """Write the starts / ends of the tiles starting in window w, and fill window w's unused slots."""
