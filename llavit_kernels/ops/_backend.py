@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -11,14 +10,21 @@ import torch
 BACKENDS = ("reference", "triton")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_importable() -> bool:
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:  # ImportError, or a broken install
         return False
     return True
+
+
+# Probed once at import: a plain bool is free to read under torch.compile (an lru_cache is not).
+_TRITON_IMPORTABLE = _probe_triton()
+
+
+def triton_importable() -> bool:
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpreting() -> bool:
