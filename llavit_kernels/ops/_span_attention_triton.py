@@ -30,8 +30,8 @@ __all__ = [
     "check_triton_inputs",
 ]
 
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .span_attention import TRITON_DTYPES as SUPPORTED_DTYPES  # noqa: E402  (one source of truth)
+from .span_attention import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS  # noqa: E402
 
 
 def check_triton_inputs(q: torch.Tensor, k: torch.Tensor) -> None:

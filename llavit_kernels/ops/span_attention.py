@@ -8,6 +8,7 @@ tested against.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -19,6 +20,9 @@ from ._backend import resolve_backend
 __all__ = ["span_attention", "span_attention_reference"]
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What the Triton kernels cover; backend=None sends anything else to the reference.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_HEAD_DIMS = (64, 80, 96, 128)
 
 
 def _validate(q, k, v, layout, softmax_scale):
@@ -69,6 +73,20 @@ def span_attention_reference(q, k, v, layout: SpanLayout, softmax_scale: Optiona
     return out[0] if layout.packed else out
 
 
+_warned_fallback = set()
+
+
+def _warn_fallback(q: torch.Tensor) -> None:
+    key = (q.dtype, q.shape[-1])
+    if key not in _warned_fallback and not torch.compiler.is_compiling():
+        _warned_fallback.add(key)
+        warnings.warn(
+            f"span_attention: no Triton kernel for dtype {q.dtype} / head dim {q.shape[-1]}; using the reference "
+            "(dense O(T^2) mask). Triton covers float16/bfloat16/float32 and head dims 64, 80, 96, 128.",
+            stacklevel=3,
+        )
+
+
 def span_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,17 +103,19 @@ def span_attention(
             ``h`` reads KV head ``h // (H // Hkv)``.
         layout: the :class:`SpanLayout` of the batch (``Tk`` is ``layout.num_keys``).
         softmax_scale: defaults to ``1 / sqrt(D)``.
-        backend: ``None`` (Triton on CUDA, reference elsewhere and for float64), ``"reference"`` or
-            ``"triton"`` (float16 / bfloat16 / float32, head dims 64, 80, 96, 128; see
-            docs/span_attention.md).
+        backend: ``None`` (Triton on CUDA, reference elsewhere and for what the kernels do not
+            cover: float64, head dims other than 64, 80, 96, 128), ``"reference"`` or ``"triton"``
+            (raises for inputs the kernels do not cover; see docs/span_attention.md).
 
     Returns:
         a tensor of q's shape and dtype; query rows with no key (padding) are 0.
     """
     _validate(q, k, v, layout, softmax_scale)
     chosen = resolve_backend(backend, q.device, "span_attention")
-    if chosen == "reference" or (backend is None and q.dtype == torch.float64):
-        # float64 has no Triton kernel: backend=None keeps it on the reference (as modality_linear does).
+    uncovered = q.dtype not in TRITON_DTYPES or q.shape[-1] not in TRITON_HEAD_DIMS
+    if chosen == "reference" or (backend is None and uncovered):
+        if chosen == "triton":  # backend=None on CUDA for an input the kernels do not cover
+            _warn_fallback(q)
         return span_attention_reference(q, k, v, layout, softmax_scale)
     from ._span_attention_triton import span_attention_triton
 
