@@ -35,11 +35,11 @@ class DemoSize:
     vision_layers: int = 4  # feature layers 1, 2, 4 (the paper's 5, 15, 23 scaled to depth 4)
     text_hidden: int = 128
     text_layers: int = 4
-    n_caption: int = 3000
-    n_qa: int = 6000
-    n_heldout: int = 400
+    n_caption: int = 6000
+    n_qa: int = 12000
+    n_heldout: int = 1000
     stage1_steps: int = 20
-    stage2_steps: int = 250
+    stage2_steps: int = 600
     batch_size: int = 32
     lr1: float = 2e-3
     lr2: float = 3e-3
@@ -170,6 +170,10 @@ def main_demo(output_dir: str = "runs/demo", quick: bool = False, seed: int = 0,
         results.append(r)
         print(f"[{name}] held-out accuracy {100 * r['eval']['accuracy']:.1f}%  ({r['train_seconds']}s)", flush=True)
     table = markdown_table(results)
+    n_held = len(data[2])
+    se = 100 * (0.25 / max(1, n_held)) ** 0.5  # one standard error of an accuracy near 50%
+    table += (f"\n\nOne standard error of an overall accuracy near 50% on {n_held} questions: about {se:.1f} points "
+              f"(per kind, with a quarter of the questions, about {2 * se:.1f}); one seed per variant.")
     total = time.perf_counter() - t_start
     summary = {"results": results, "size": size.__dict__, "seed": seed, "total_seconds": round(total, 1),
                "heldout_n": len(data[2]), "majority_baseline": chance, "quick": quick}
