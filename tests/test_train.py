@@ -146,3 +146,49 @@ def test_two_process_gloo(tmp_path, mode):
     from llavit_kernels.models import LlavitForConditionalGeneration
 
     LlavitForConditionalGeneration.load(dist["checkpoint"])
+
+
+def test_cli_two_stages_from_hf_dirs_on_llava_json(tmp_path):
+    """Stage 1 from local CLIP + Qwen2 + tokenizer dirs on a caption file, stage 2 from its checkpoint on LLaVA JSON."""
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from llavit_kernels.models import LlavitForConditionalGeneration
+    from llavit_kernels.train.__main__ import main
+
+    words = ["<|im_start|>", "<|im_end|>", "<pad>", "<unk>", "user", "assistant", "describe", "the", "image", ".",
+             "a", "red", "blue", "square", "what", "colour", "is", "?"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    llm = tmp_path / "qwen"
+    tok.save_pretrained(str(llm))
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).save_pretrained(str(llm))
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                     image_size=32, patch_size=16)).save_pretrained(str(tmp_path / "clip"))
+    (tmp_path / "imgs").mkdir()
+    for i, colour in enumerate([(220, 20, 20), (20, 20, 220)] * 4):
+        Image.new("RGB", (40, 36), colour).save(tmp_path / "imgs" / f"{i}.png")
+    name = ["red", "blue"]
+    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps({"image": f"{i}.png", "caption": f"a {name[i % 2]} square ."})
+                                                  for i in range(8)))
+    llava = [{"id": i, "image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nwhat colour is the square ?"},
+                                                              {"from": "gpt", "value": name[i % 2]}]} for i in range(8)]
+    llava.append({"id": "bad", "image": "missing.png", "conversations": llava[0]["conversations"]})
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    common = ["--image-root", str(tmp_path / "imgs"), "--max-steps", "2", "--batch-size", "4", "--no-progress"]
+    main(["train", "--stage", "1", "--vision", str(tmp_path / "clip"), "--llm", str(llm), "--data",
+          str(tmp_path / "caps.jsonl"), "--data-format", "caption", "--output-dir", str(tmp_path / "s1")] + common)
+    s1 = json.load(open(tmp_path / "s1" / "log.json"))
+    model = LlavitForConditionalGeneration.load(s1["checkpoint"])
+    assert model.config.text.vocab_size == len(words) + 1  # <image> added to the tokenizer and the embeddings
+    assert model.config.eos_token_id == words.index("<|im_end|>")
+    main(["train", "--stage", "2", "--init-from", s1["checkpoint"], "--data", str(tmp_path / "llava.json"),
+          "--output-dir", str(tmp_path / "s2"), "--packing"] + common)
+    s2 = json.load(open(tmp_path / "s2" / "log.json"))
+    assert s2["step"] == 2 and s2["skipped_by_reason"] == {"missing_image": 1}

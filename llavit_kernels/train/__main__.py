@@ -101,6 +101,8 @@ def build_model_and_tokenizer(args):
         sw["image_token_id"] = image_token_id(tokenizer)
         if getattr(tokenizer, "pad_token_id", None) is not None:
             sw["pad_token_id"] = tokenizer.pad_token_id
+        if getattr(tokenizer, "eos_token_id", None) is not None:  # the chat template's end of turn
+            sw["eos_token_id"] = tokenizer.eos_token_id
         model = LlavitForConditionalGeneration.from_pretrained(args.vision, args.llm, **sw)
         model.resize_token_embeddings(max(len(tokenizer), model.config.text.vocab_size))
     else:
