@@ -155,3 +155,18 @@ def test_from_pretrained_local_dirs(tmp_path, tok):
         torch.testing.assert_close(model(ids)[0], hf(ids).logits, rtol=1e-4, atol=1e-4)
     logits, loss = model(**_batch(tok, 2))
     assert torch.isfinite(logits).all()
+
+
+def test_activation_checkpointing_same_gradients(tok):
+    model = build_tiny(tok, SIZE)
+    batch = _batch(tok)
+    _, loss = model(**batch)
+    loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.set_gradient_checkpointing(True)
+    _, loss2 = model(**batch)
+    loss2.backward()
+    torch.testing.assert_close(loss2, loss)
+    for n, g in ref.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6)
