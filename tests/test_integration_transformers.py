@@ -299,6 +299,27 @@ def test_mask_only_attention_interface():
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["convert", "mask_only"])
+def test_bf16_autocast_training_step(mode):
+    """Mixed-precision training (fp32 weights under bf16 autocast, what GPU training does): the
+    stock modules hand the mask-only attention function q/k in float32 (fp32 RoPE tables) and v
+    in bfloat16; both paths must run and stay close to the fp32 loss. CPU autocast, same rules."""
+    plain = make_text_model("qwen2")
+    model = copy.deepcopy(plain).train()
+    if mode == "convert":
+        apply_llavit(model, image_token_id=IMAGE_ID)
+    else:
+        apply_llavit_mask(model, image_token_id=IMAGE_ID)
+    ids, mask = image_batch(pad_left=(0, 3))
+    labels = torch.where(mask == 0, -100, ids)
+    fp32 = model(ids, attention_mask=mask, labels=labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.float(), fp32, rtol=2e-2, atol=2e-2)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
 # ---------------------------------------------------------------------------- training details
 def test_gradient_checkpointing_same_grads():
     plain = make_text_model("qwen2")

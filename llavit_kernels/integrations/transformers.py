@@ -256,6 +256,11 @@ def llavit_attention_forward(module, query, key, value, attention_mask=None, sca
     source = _find_source(kwargs, getattr(module, "_llavit_state", None))
     if dropout and module.training:
         raise NotImplementedError("llavit attention: attention dropout is not supported; set attention_dropout=0")
+    if torch.is_autocast_enabled(query.device.type):
+        # Under autocast the stock modules hand over mixed dtypes (q/k promoted to float32 by the
+        # float32 RoPE tables, v in the autocast dtype); cast them as autocast casts SDPA's inputs.
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if source.packed:
         batch, heads, tokens, dim = query.shape
         if key.shape[2] != tokens:
