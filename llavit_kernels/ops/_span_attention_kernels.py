@@ -9,6 +9,8 @@ one contiguous range, so each kernel runs three loops: masked, unmasked, masked.
 Row statistics ignore rows that are out of range or empty (padding): such rows may ride along in
 an unmasked block, and are neutralised instead -- the forward writes 0 and ``lse = +inf`` for
 them, and ``p = exp(s - lse)`` is then exactly 0 in the backward, so their gradients are 0 too.
+The dK/dV kernel's block statistics likewise ignore keys that no query sees (padding keys); they
+ride along in unmasked query blocks and are neutralised at the store (dK = dV = 0).
 
 Conventions: scores are handled in base 2 (``qk_scale = softmax_scale * log2(e)``); the saved
 ``lse`` is in natural-log units, ``[B, H, Tq]`` fp32. Element masks always come from the per-query
@@ -451,7 +453,12 @@ def _span_bwd_dkdv_kernel(
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kv_start_base, kv_end_base,
                              offs_n, offs_m, offs_d, full_hi, hi, Tq, stride_qt, stride_dot, qk_scale,
                              True, EVEN_D, HEAD_DIM, BLOCK_M, UPCAST, DOT_PRECISION)
-    dk = dk * softmax_scale
+    # Keys no query sees (padding: q_start == q_end) are left out of the block statistics, so they
+    # ride along in unmasked query blocks and pick up p = exp(s - lse) != 0 there; neutralise them
+    # here, as the forward does for empty query rows (their true dK and dV are 0).
+    key_seen = q_lo < q_hi
+    dk = tl.where(key_seen[:, None], dk * softmax_scale, 0.0)
+    dv = tl.where(key_seen[:, None], dv, 0.0)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=mask_nd)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
