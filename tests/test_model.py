@@ -170,3 +170,34 @@ def test_activation_checkpointing_same_gradients(tok):
     torch.testing.assert_close(loss2, loss)
     for n, g in ref.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_text_only_batch_still_gives_every_trainable_parameter_a_gradient(tok):
+    """DDP (no find_unused_parameters) fails on the step after one where a trainable parameter got
+    no gradient; LLaVA data has text-only samples, so a text-only micro-batch must still reach the
+    projector (with zero gradient) without changing the loss."""
+    model = build_tiny(tok, SIZE)
+    proc = SampleProcessor(tok, SIZE.image_size, 16, 128)
+    text = {"conversations": [{"from": "human", "value": "what colour is the square ?"}, {"from": "gpt", "value": "red"}]}
+    batch = collate_padded([proc(text), proc(text)], tok.pad_token_id)
+    assert batch["pixel_values"].shape[0] == 0
+    with torch.no_grad():
+        _, want = model(**batch)
+    _, loss = model(**batch)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    for name, p in model.projector.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().max()) == 0.0, name
+
+
+def test_generate_in_training_mode_with_checkpointing(tok):
+    """Activation checkpointing must not bypass the KV caches that generate() fills."""
+    from llavit_kernels.train.evaluate import build_prompt_ids
+
+    model = build_tiny(tok, SIZE)
+    s = synthetic_samples(1, 3, 2, SIZE.image_size)[0]
+    ids = torch.tensor(build_prompt_ids(tok, s["conversations"], 16))[None]
+    pix = SampleProcessor(tok, SIZE.image_size, 16, 128).load_images(s)[0][None]
+    want = model.eval().generate(ids, pix, max_new_tokens=4, eos_token_id=-1)
+    model.train().set_gradient_checkpointing(True)
+    assert torch.equal(model.generate(ids, pix, max_new_tokens=4, eos_token_id=-1), want)

@@ -233,7 +233,8 @@ class Qwen2Decoder(nn.Module):
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         for i, layer in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training:
+            # (no checkpointing without autograd, nor with KV caches: generate() in training mode must fill them)
+            if self.gradient_checkpointing and self.training and kv_caches is None and torch.is_grad_enabled():
                 x = checkpoint(layer, x, layout, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, layout, cos, sin, None if kv_caches is None else kv_caches[i])
@@ -396,6 +397,14 @@ class LlavitForConditionalGeneration(nn.Module):
                 raise ValueError(f"input_ids have {n_img_tokens} image tokens but {feats.shape[0]} images give "
                                  f"{feats.shape[0] * feats.shape[1]} ({feats.shape[1]} per image)")
             embeds = embeds.masked_scatter(is_image[..., None], feats.reshape(-1, feats.shape[-1]))
+        elif self.training and torch.is_grad_enabled() and any(
+                p.requires_grad for m in (self.projector, self.vision_tower) for p in m.parameters()):
+            # A text-only batch (LLaVA data has some): run one blank image through the vision path with
+            # weight 0, so every trainable parameter still takes part in the step. DDP (no
+            # find_unused_parameters) fails on the next step when a trainable parameter got no gradient.
+            size = int(self.config.vision["image_size"])
+            blank = torch.zeros(1, 3, size, size, device=embeds.device)
+            embeds = embeds + 0.0 * self.image_features(blank).sum().to(embeds.dtype)
         return embeds
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, cu_seqlens=None,
