@@ -308,6 +308,23 @@ def test_linear_tma_falls_back_when_unaligned(use_tma):
     assert use_tma == [], use_tma
 
 
+def test_strided_bias_views(poison):
+    # biases that are strided 1-D views (columns of a stacked [N, 2] tensor): the kernels index
+    # bias[n] as bias_ptr + n, so the op must compact them; gradients flow back into the stack
+    M, spans = named_layouts(TM)["mixed"]
+    is_image = mask_from_runs(M, spans)
+    x, w_t, _, w_i, _ = make_linear_inputs((M,), 24, 20, torch.float32, DEV, bias=(False, False))
+    stacked = torch.randn(20, 2, generator=torch.Generator().manual_seed(5)).to(DEV).requires_grad_(True)
+    b_t, b_i = stacked[:, 0], stacked[:, 1]
+    assert b_t.stride() == (2,)
+    check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.float32)
+    H, Hkv, D = 2, 1, 8
+    x, w_t, _, w_i, _ = make_linear_inputs((M,), 24, (H + 2 * Hkv) * D, torch.float32, DEV, bias=(False, False))
+    stacked = torch.randn((H + 2 * Hkv) * D, 2, generator=torch.Generator().manual_seed(6)).to(DEV).requires_grad_(True)
+    cos, sin = rope_tables(M, D)
+    check_qkv(is_image, x, w_t, stacked[:, 0], w_i, stacked[:, 1], H, Hkv, cos, sin, torch.float32)
+
+
 def test_linear_deterministic():
     M, spans = named_layouts(TM)["mixed"]
     is_image = mask_from_runs(M, spans)

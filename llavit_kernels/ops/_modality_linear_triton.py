@@ -50,6 +50,10 @@ def _dw_split(M: int, N: int, K: int, device: torch.device) -> int:
 # ----------------------------------------------------------------------------- launchers
 def _launch_mm(a, w_t, w_i, b_t, b_i, table, out, *, transpose_b: bool, qkv=None):
     """out = A @ B_mod^T (+ bias); B given as [N_b, K_b] weights read directly or transposed."""
+    # the kernels read bias[n] at bias_ptr + n: a strided 1-D view (e.g. a column of a stacked
+    # [N, 2] bias) must be compacted first (a no-op for the usual contiguous parameter)
+    b_t = b_t.contiguous() if b_t is not None else None
+    b_i = b_i.contiguous() if b_i is not None else None
     if qkv is None and _tma.USE_TMA and _tma.tma_eligible(a, w_t, w_i):
         _tma.launch_mm_tma(a, w_t, w_i, b_t, b_i, table, out, transpose_b=transpose_b,
                            upcast=_upcast(a.dtype), precision=_dot_precision(a.dtype))
