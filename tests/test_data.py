@@ -176,3 +176,16 @@ def test_clip_preprocess_pil_and_tensor():
                                torch.tensor([0.26862954, 0.26130258, 0.27577711]))
     t = torch.full((3, 24, 24), 255, dtype=torch.uint8)
     torch.testing.assert_close(clip_preprocess(t, 24), x)
+
+
+def test_malformed_conversations_are_skipped_not_a_crash(tok):
+    """A record with an unknown speaker or a non-string turn is one bad sample, not a training crash."""
+    proc = SampleProcessor(tok, 16, N_IMG, 64)
+    bad = [{"id": "speaker", "conversations": [{"from": "robot", "value": "what colour ?"}, {"from": "gpt", "value": "red"}]},
+           {"id": "value", "conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "red"}]},
+           {"id": "turn", "conversations": ["what colour ?"]}]
+    ds = SafeDataset(bad, proc, on_bad="skip")
+    assert [ds[i] for i in range(len(bad))] == [None, None, None]
+    assert dict(ds.skipped) == {"other": 3}
+    with pytest.raises(BadSample, match="speaker.*malformed"):
+        SafeDataset(bad, proc, on_bad="error")[0]

@@ -124,7 +124,12 @@ class SampleProcessor:
         conversations = record.get("conversations")
         if not conversations:
             raise BadSample("no conversations")
-        messages = to_messages(conversations)
+        try:
+            messages = to_messages(conversations)
+        except (ValueError, TypeError, AttributeError) as e:  # a malformed record, not a pipeline error
+            raise BadSample(f"malformed conversations: {e}") from e
+        if not all(isinstance(m["content"], str) for m in messages):
+            raise BadSample("malformed conversations: a turn's value is not a string")
         n_tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
         n_images = 0 if record.get("image") is None else (len(record["image"]) if isinstance(record["image"], list) else 1)
         if n_tags != n_images:
