@@ -328,6 +328,19 @@ def test_unsupported_head_dim_raises():
     assert span_attention(q, q, q, layout, backend="reference").shape == q.shape
 
 
+def test_int32_row_offsets_guard():
+    # Offsets inside one batch row are int32 in the kernels: a packed 7B-shaped input of 600k tokens
+    # (600k x 28 x 128 > 2**31) must raise, not wrap around; S2 (2 x 8192 x 28 x 128) is far below.
+    def meta(*shape):
+        return torch.empty(shape, dtype=torch.bfloat16, device="meta")
+
+    n = 600_000
+    idx = torch.empty(n, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match=r"q: backend='triton' needs offsets within one batch row below 2\*\*31"):
+        T._forward_impl(meta(n, 28, 128), meta(n, 4, 128), meta(n, 4, 128), idx, idx, 0.1)
+    T._check_row_offsets_fit_int32(q=meta(2, 8192, 28, 128), k=meta(2, 8192, 4, 128))  # S2: fine
+
+
 def test_float64_rejected_by_triton_backend():
     layout = SpanLayout.from_image_mask(torch.zeros(1, 8, dtype=torch.bool, device=DEVICE))
     q = torch.randn(1, 8, 2, 64, device=DEVICE, dtype=torch.float64)

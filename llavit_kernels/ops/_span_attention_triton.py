@@ -85,6 +85,26 @@ def _lse_as3d(lse: torch.Tensor) -> torch.Tensor:
     return lse.unsqueeze(0) if lse.dim() == 2 else lse
 
 
+_INT32_LIMIT = 2**31
+
+
+def _check_row_offsets_fit_int32(**tensors: torch.Tensor) -> None:
+    """The kernels widen only the batch offset to int64; offsets inside one batch row (token x
+    stride + head x stride + d) are int32 products. Raise instead of wrapping around (shape-only,
+    no sync). Padded S2 (8192 x 28 x 128) uses 1.4% of the range; packed 7B-shaped inputs reach it
+    at ~599k tokens."""
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        reach = sum((t.shape[i] - 1) * abs(t.stride(i)) for i in range(1, t.dim()))
+        if reach >= _INT32_LIMIT:
+            raise ValueError(
+                f"{name}: backend='triton' needs offsets within one batch row below 2**31 elements "
+                f"(tokens x heads x head dim), got shape {tuple(t.shape)} with strides {t.stride()} "
+                "(split the packed batch into rows, or use backend='reference')"
+            )
+
+
 def _meta(q: torch.Tensor, k: torch.Tensor):
     head_dim = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -107,6 +127,7 @@ def _forward_impl(q, k, v, kv_start, kv_end, softmax_scale):
     tk = k4.shape[1]
     if q4.numel() == 0:
         return out, lse
+    _check_row_offsets_fit_int32(q=q4, k=k4, v=v4, out=o4)
     meta, seq_bucket = _meta(q, k)
     grid = lambda m: (triton.cdiv(tq, m["BLOCK_M"]), batch * heads)  # noqa: E731
     K.span_fwd_kernel[grid](
@@ -132,6 +153,7 @@ def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_st
         _last_dim_contiguous(_as4d(t)) for t in (q, k, v, out, grad_out, dq, dk, dv)
     )
     kv_start2, kv_end2, q_start2, q_end2 = (_as2d(t) for t in (kv_start, kv_end, q_start, q_end))
+    _check_row_offsets_fit_int32(q=q4, k=k4, v=v4, out=o4, grad_out=do4, dq=dq4, dk=dk4, dv=dv4)
     lse3 = _lse_as3d(lse).contiguous()
     batch, tq, heads, _ = q4.shape
     tk, kv_heads = k4.shape[1], k4.shape[2]
