@@ -201,3 +201,14 @@ def test_generate_in_training_mode_with_checkpointing(tok):
     want = model.eval().generate(ids, pix, max_new_tokens=4, eos_token_id=-1)
     model.train().set_gradient_checkpointing(True)
     assert torch.equal(model.generate(ids, pix, max_new_tokens=4, eos_token_id=-1), want)
+
+
+def test_rope_tables_survive_a_bf16_cast():
+    """model.to(torch.bfloat16) must not round the RoPE frequencies (a float buffer would be cast,
+    giving angle errors of radians at long positions); the tables equal the fp32 ones up to bf16 rounding."""
+    dec = Qwen2Decoder(TextConfig(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, rope_theta=1e6))
+    pos = torch.arange(4096)[None]
+    cos32, sin32 = dec.rotary(pos, torch.float32)
+    cos16, sin16 = dec.to(torch.bfloat16).rotary(pos, torch.bfloat16)
+    torch.testing.assert_close(cos16.float(), cos32, rtol=0, atol=8e-3)
+    torch.testing.assert_close(sin16.float(), sin32, rtol=0, atol=8e-3)

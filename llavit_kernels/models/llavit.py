@@ -200,9 +200,6 @@ class Qwen2Decoder(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -219,9 +216,9 @@ class Qwen2Decoder(nn.Module):
             layer.self_attn.init_image_from_text()
 
     def rotary(self, position_ids: torch.Tensor, dtype):
-        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq.to(position_ids.device)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """RoPE tables of the decoder: the attention module's (one implementation; frequencies in
+        float32 from ``rope_theta`` on every call, so ``model.to(torch.bfloat16)`` cannot round them)."""
+        return self.model.layers[0].self_attn.rotary(position_ids, dtype)
 
     def forward(self, inputs_embeds: torch.Tensor, layout: SpanLayout, position_ids: torch.Tensor,
                 kv_caches: Optional[List[LlavitKVCache]] = None) -> torch.Tensor:
