@@ -240,6 +240,37 @@ def test_padding_keys_in_unmasked_query_blocks_get_zero_grad(pad):
     check_against_reference(layout, q, k, v, do)
 
 
+def test_strided_inputs_views_of_fused_qkv():
+    # q, k, v as head slices of one fused [B, T, H + 2 Hkv, D] tensor (token stride != heads x D),
+    # k through a [B, Hkv, T, D] transpose, a transposed grad_out, and a q with last-dim stride 2.
+    rng = random.Random(31)
+    layout = padded_layout(rng, batch=2, length=37, pad="left")
+    heads, kv_heads, dim = 4, 2, 64
+    dtype = DTYPES[0]
+    gen = torch.Generator().manual_seed(4)
+    fused = torch.randn(2, 37, heads + 2 * kv_heads, dim, generator=gen).to(DEVICE, dtype)
+    do = torch.randn(2, heads, 37, dim, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+
+    def run(fn, fused):
+        fused = fused.detach().clone().requires_grad_()
+        q, k, v = fused[:, :, :heads], fused[:, :, heads:heads + kv_heads], fused[:, :, heads + kv_heads:]
+        k = k.transpose(1, 2).contiguous().transpose(1, 2) * 1.0
+        out = fn(q, k, v)
+        return out.detach(), torch.autograd.grad(out, fused, do)[0]
+
+    ours = run(lambda q, k, v: span_attention(q, k, v, layout, backend="triton"), fused)
+    gold = run(lambda q, k, v: span_attention_reference(q, k, v, layout), fused.double())
+    low = run(lambda q, k, v: span_attention_reference(q, k, v, layout), fused)
+    for name, o, g, l in zip(("out", "dfused"), ours, gold, low):
+        bound = 3 * _max_err(l, g) + SLACK[dtype] * max(g.abs().max().item(), 1.0)
+        assert _max_err(o, g) <= bound, f"{name}: {_max_err(o, g):.3g} > {bound:.3g}"
+    q_odd = torch.randn(2, 37, heads, 2 * dim, generator=gen).to(DEVICE, dtype)[..., ::2]
+    k, v = fused[:, :, heads:heads + kv_heads], fused[:, :, heads + kv_heads:]
+    out = span_attention(q_odd, k, v, layout, backend="triton")
+    ref = span_attention_reference(q_odd.double(), k.double(), v.double(), layout)
+    assert _max_err(out, ref) <= SLACK[dtype] * 2
+
+
 def test_softmax_scale_and_large_logits():
     rng = random.Random(5)
     layout = padded_layout(rng, batch=1, length=40)
