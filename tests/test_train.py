@@ -192,3 +192,27 @@ def test_cli_two_stages_from_hf_dirs_on_llava_json(tmp_path):
           "--output-dir", str(tmp_path / "s2"), "--packing"] + common)
     s2 = json.load(open(tmp_path / "s2" / "log.json"))
     assert s2["step"] == 2 and s2["skipped_by_reason"] == {"missing_image": 1}
+
+
+def test_checkpoint_without_tokenizer_dir_needs_a_matching_tokenizer(tok, tmp_path):
+    """Periodic checkpoints have no tokenizer/; falling back to the synthetic word tokenizer is right
+    for a tiny synthetic model and must be refused for a model with another vocabulary (an HF LLM)."""
+    import argparse
+
+    from llavit_kernels.models import LlavitForConditionalGeneration
+    from llavit_kernels.train.__main__ import build_model_and_tokenizer, eval_checkpoint
+
+    build_tiny(tok, SIZE).save_pretrained(str(tmp_path / "tiny"))
+    args = argparse.Namespace(init_from=str(tmp_path / "tiny"), tokenizer=None, no_image_qkv=False,
+                              no_bidirectional=False, feature_layers=None)
+    _, got = build_model_and_tokenizer(args)
+    assert got.vocab == tok.vocab
+    other = build_tiny(tok, SIZE)
+    other.resize_token_embeddings(len(tok) + 40)
+    assert isinstance(other, LlavitForConditionalGeneration)
+    other.save_pretrained(str(tmp_path / "big"))
+    args.init_from = str(tmp_path / "big")
+    with pytest.raises(SystemExit, match="--tokenizer"):
+        build_model_and_tokenizer(args)
+    with pytest.raises(SystemExit, match="--tokenizer"):
+        eval_checkpoint(str(tmp_path / "big"), num=4)

@@ -82,6 +82,23 @@ def _switches(args) -> dict:
     return sw
 
 
+def _word_tokenizer_for(model, checkpoint):
+    """The synthetic word tokenizer for a checkpoint saved without ``tokenizer/`` (only the final
+    checkpoint of a run gets one); refuse when it cannot be the model's tokenizer (an HF-LLM model)."""
+    from ..data.synthetic import WORDS
+    from ..data.tokenizer import WordTokenizer
+
+    tokenizer = WordTokenizer(WORDS)
+    cfg = model.config
+    if cfg.text.vocab_size != len(tokenizer) or cfg.image_token_id != tokenizer.image_token_id:
+        raise SystemExit(
+            f"tokenizer: {checkpoint} has no tokenizer/ directory and its model (vocab {cfg.text.vocab_size}, image "
+            f"token {cfg.image_token_id}) was not trained with the synthetic word tokenizer; pass --tokenizer DIR "
+            "(e.g. the --llm directory, or the tokenizer/ of the run's final checkpoint)"
+        )
+    return tokenizer
+
+
 def build_model_and_tokenizer(args):
     from ..data.synthetic import WORDS
     from ..data.tokenizer import WordTokenizer, image_token_id, load_tokenizer
@@ -92,7 +109,7 @@ def build_model_and_tokenizer(args):
     if args.init_from:
         model = LlavitForConditionalGeneration.load(args.init_from, **sw)
         tok_dir = args.tokenizer or (os.path.join(args.init_from, "tokenizer") if os.path.isdir(os.path.join(args.init_from, "tokenizer")) else None)
-        tokenizer = load_tokenizer(tok_dir) if tok_dir else WordTokenizer(WORDS)
+        tokenizer = load_tokenizer(tok_dir) if tok_dir else _word_tokenizer_for(model, args.init_from)
     elif args.tiny:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else WordTokenizer(WORDS)
         model = build_tiny(tokenizer, DemoSize(), args.seed, **sw)
@@ -165,8 +182,7 @@ def cmd_train(args):
 
 def eval_checkpoint(checkpoint, num=400, seed=0, device=None, batch_size=100):
     from ..data.synthetic import HELDOUT_SEED_OFFSET, synthetic_samples
-    from ..data.tokenizer import WordTokenizer, load_tokenizer
-    from ..data.synthetic import WORDS
+    from ..data.tokenizer import load_tokenizer
     from ..models.llavit import LlavitForConditionalGeneration
     from .evaluate import evaluate_synthetic
 
@@ -174,7 +190,7 @@ def eval_checkpoint(checkpoint, num=400, seed=0, device=None, batch_size=100):
     if device is not None:
         model.to(device)
     tok_dir = os.path.join(checkpoint, "tokenizer")
-    tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else WordTokenizer(WORDS)
+    tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else _word_tokenizer_for(model, checkpoint)
     heldout = synthetic_samples(num, seed + HELDOUT_SEED_OFFSET, 2, int(model.config.vision["image_size"]))
     return evaluate_synthetic(model, tokenizer, heldout, batch_size=batch_size)
 
