@@ -15,7 +15,8 @@ What changes:
   ones (the paper's initialisation).
 * the model's ``forward`` is wrapped (on the instance, the class is untouched): each call builds ONE
   :class:`LlavitLayoutSource` from ``input_ids == image_token_id`` and the 2-D ``attention_mask``,
-  on the device, no host sync, and passes it to every layer as the ``llavit_layout`` keyword
+  on the device (no host sync in the layers; validating a padding mask costs one per call), and
+  passes it to every layer as the ``llavit_layout`` keyword
   (transformers forwards extra keywords to the attention modules, also under gradient
   checkpointing). The layout is built lazily in the first layer, when the number of cached keys is
   known, and shared by the other layers. LLaVA replaces the image tokens' embeddings but
