@@ -1,6 +1,6 @@
 """Built-in synthetic vision data: procedural, deterministic by seed, no files, no downloads.
 
-Every scene is 1-4 coloured shapes (circle, square, triangle) of two sizes at random positions on
+Every scene is 1-3 (``max_shapes``) coloured shapes (circle, square, triangle) of two sizes at random positions on
 a dark background. Stage 1 gets captions ("a big red circle on the left ..."); stage 2 gets
 questions that need fine-grained vision: the colour of a named shape, the shape of a named colour,
 how many shapes of a kind, and whether one shape is left or right of another. Train and held-out
