@@ -221,21 +221,21 @@ def test_query_chunk_view_of_full_layout():
     check_against_reference(chunk, q, k, v, do)
 
 
-@pytest.mark.parametrize("pad", ["left", "right_after_image"])
+@pytest.mark.parametrize("pad", ["left", "right_after_image", "left_in_cached_prefix"])
 def test_padding_keys_in_unmasked_query_blocks_get_zero_grad(pad):
     # Padding keys (no query sees them) share a key block with valid keys whose query range holds
     # whole unmasked query blocks; the dK/dV kernel must not give them p = exp(s - lse) != 0 there.
     # 160 tokens: long enough for such blocks with the interpreter's (32, 16) and the GPU's (16, 128)
     # dK/dV tiles; the shorter layouts above never reach an unmasked block next to padding keys.
-    length = 160
+    length, past = (80, 80) if pad == "left_in_cached_prefix" else (160, 0)
     img = torch.zeros(1, length, dtype=torch.bool)
-    mask = torch.ones(1, length, dtype=torch.long)
-    if pad == "left":
+    mask = torch.ones(1, past + length, dtype=torch.long)
+    if pad.startswith("left"):
         mask[0, :5] = 0
     else:  # right padding right after a long image span: its keys see queries 20..149
         img[0, 20:150] = True
         mask[0, 150:] = 0
-    layout = SpanLayout.from_image_mask(img.to(DEVICE), mask.to(DEVICE))
+    layout = SpanLayout.from_image_mask(img.to(DEVICE), mask.to(DEVICE), past_length=past)
     q, k, v, do = make_qkv(layout, heads=1, kv_heads=1, head_dim=64, dtype=DTYPES[0])
     check_against_reference(layout, q, k, v, do)
 
