@@ -216,3 +216,24 @@ def test_checkpoint_without_tokenizer_dir_needs_a_matching_tokenizer(tok, tmp_pa
         build_model_and_tokenizer(args)
     with pytest.raises(SystemExit, match="--tokenizer"):
         eval_checkpoint(str(tmp_path / "big"), num=4)
+
+
+def test_empty_micro_batch_is_skipped_on_every_rank(monkeypatch):
+    """A rank whose micro-batch has no usable sample must not skip alone (the other ranks would wait
+    in DDP / FSDP collectives forever): the ranks agree through one all-reduce. The other rank is
+    simulated by the fake all-reduce adding its flag."""
+    from llavit_kernels.train import trainer
+
+    other_rank_missing = {"value": 0}
+
+    def fake_all_reduce(t):
+        t += other_rank_missing["value"]
+
+    monkeypatch.setattr(trainer.dist, "all_reduce", fake_all_reduce)
+    cpu = torch.device("cpu")
+    batch = {"input_ids": torch.zeros(1, 2)}
+    assert trainer._batch_on_every_rank(batch, 2, cpu)
+    assert not trainer._batch_on_every_rank(None, 2, cpu)
+    other_rank_missing["value"] = 1  # this rank has data, the other does not: skip here too
+    assert not trainer._batch_on_every_rank(batch, 2, cpu)
+    assert trainer._batch_on_every_rank(batch, 1, cpu) and not trainer._batch_on_every_rank(None, 1, cpu)

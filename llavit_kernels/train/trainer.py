@@ -271,6 +271,21 @@ def plot_losses(history: List[dict], path: str, title: str = ""):
 
 
 # ------------------------------------------------------------------------------------ the loop
+def _batch_on_every_rank(batch, world: int, device) -> bool:
+    """False when this rank or any other has no usable micro-batch (all its samples bad).
+
+    Every rank then skips that micro-step together: a rank that skipped alone would leave the others
+    waiting in DDP's gradient all-reduce / FSDP's collectives (a hang, not an error). One tiny
+    all-reduce per micro-step under torchrun (the loop already syncs per micro-step for the loss).
+    """
+    have = batch is not None
+    if world > 1:
+        missing = torch.tensor([0 if have else 1], dtype=torch.int32, device=device)
+        dist.all_reduce(missing)
+        return int(missing.item()) == 0
+    return have
+
+
 def train(model, dataset, cfg: TrainConfig, pad_token_id: int = 0, device=None, history: Optional[list] = None,
           tag: str = "") -> dict:
     """Train ``model`` on ``dataset`` (a :class:`SafeDataset`); returns a summary dict.
@@ -329,8 +344,8 @@ def train(model, dataset, cfg: TrainConfig, pad_token_id: int = 0, device=None, 
         for batch, n_skipped in loader:
             if n_skipped:
                 skipped["bad_sample"] += n_skipped
-            if batch is None:
-                log.warning("micro-batch with no usable sample skipped")
+            if not _batch_on_every_rank(batch, world, device):
+                log.warning("micro-batch with no usable sample (on this or another rank) skipped")
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
