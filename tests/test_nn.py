@@ -380,3 +380,20 @@ def test_attention_forward_backward_has_no_host_sync_on_cuda():
         attn(x, layout).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_fused_weight_cache_from_inference_mode_is_not_reused_with_autograd():
+    """Frozen q/k/v (e.g. stage 1 with shared q/k/v) keep the fused-weight cache while training;
+    an entry made under torch.inference_mode() must not be handed to autograd afterwards."""
+    attn = LlavitAttention(32, 4, 2, separate_image_qkv=False)
+    for name, p in attn.named_parameters():
+        p.requires_grad_(name.startswith("o_proj"))
+    x = torch.randn(1, 6, 32)
+    layout = SpanLayout.from_image_mask(torch.zeros(1, 6, dtype=torch.bool))
+    with torch.inference_mode():
+        want = attn(x, layout)
+    x = x.clone().requires_grad_(True)
+    out = attn(x, layout)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), want)
+    assert x.grad is not None

@@ -207,7 +207,9 @@ class LlavitAttention(nn.Module):
             and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
         )
         if cacheable:
-            key = (dtype,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+            # inference-mode tensors must not be reused outside it (autograd cannot save them)
+            key = (dtype, torch.is_inference_mode_enabled()) + tuple(
+                (p.data_ptr(), p._version, p.dtype, p.device) for p in params)
             cached = self.__dict__.get("_fused_cache")
             if cached is not None and cached[0] == key:
                 return cached[1]
