@@ -397,3 +397,23 @@ def test_fused_weight_cache_from_inference_mode_is_not_reused_with_autograd():
     out.sum().backward()
     torch.testing.assert_close(out.detach(), want)
     assert x.grad is not None
+
+
+def test_wrapped_qkv_projection_is_refused_not_ignored():
+    """q/k/v are read as weights, never called: an adapter wrapping one (LoRA) would be silently
+    dropped from the forward, so it must raise instead."""
+    class LoraLike(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer, self.lora_a, self.lora_b = base, nn.Linear(32, 2, bias=False), nn.Linear(2, 32, bias=False)
+
+        weight = property(lambda self: self.base_layer.weight)
+        bias = property(lambda self: self.base_layer.bias)
+
+        def forward(self, x):
+            return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+    attn = LlavitAttention(32, 4, 4)
+    attn.q_proj = LoraLike(attn.q_proj)
+    with pytest.raises(TypeError, match="q_proj: LlavitAttention reads q/k/v as plain nn.Linear"):
+        attn(torch.randn(1, 5, 32), SpanLayout.from_image_mask(torch.zeros(1, 5, dtype=torch.bool)))

@@ -189,8 +189,17 @@ class LlavitAttention(nn.Module):
 
     def _qkv_params(self):
         image = ("q_proj_image", "k_proj_image", "v_proj_image") if self.separate_image_qkv else ()
-        return [p for name in ("q_proj", "k_proj", "v_proj") + image
-                for p in (getattr(self, name).weight, getattr(self, name).bias) if p is not None]
+        names = ("q_proj", "k_proj", "v_proj") + image
+        for name in names:
+            # The projections are read as weights (concatenated for the fused op), never called: a
+            # wrapper such as a PEFT LoRA layer would be silently ignored, so refuse anything else.
+            if type(getattr(self, name)) is not nn.Linear:
+                raise TypeError(
+                    f"{name}: LlavitAttention reads q/k/v as plain nn.Linear weights (fused projection); got "
+                    f"{type(getattr(self, name)).__name__}. Adapters (e.g. LoRA) on q/k/v are not applied; merge them "
+                    "into the weights first, or target other modules"
+                )
+        return [p for name in names for p in (getattr(self, name).weight, getattr(self, name).bias) if p is not None]
 
     def _fused_weights(self, dtype: Optional[torch.dtype]):
         """Text and image q|k|v weights (and biases) concatenated, as ``modality_qkv`` takes them.
