@@ -264,11 +264,12 @@ class SpanLayout:
         )
 
     # ------------------------------------------------------------------ views
-    def query_chunk(self, start: int, length: int) -> "SpanLayout":
+    def query_chunk(self, start: int, length: int, validate: bool = True) -> "SpanLayout":
         """The layout of queries ``start .. start+length`` against keys ``0 .. start+length``.
 
         For prefill continuation: the keys are what the KV cache holds once this chunk is written.
-        Raises if the chunk would cut an image span (a query would need keys after the chunk).
+        Raises if the chunk would cut an image span (a query would need keys after the chunk); that
+        check reads values (a host sync): ``validate=False`` skips it.
         """
         if self.packed:
             raise ValueError("query_chunk: expected a padded layout, got a packed one")
@@ -282,7 +283,7 @@ class SpanLayout:
         stop = start + length
         kv_start = self.kv_start[:, start:stop]
         kv_end = self.kv_end[:, start:stop]
-        if should_validate_values() and bool((kv_end > stop).any()):
+        if validate and should_validate_values() and bool((kv_end > stop).any()):
             raise ValueError(
                 f"query_chunk: the chunk [{start}, {stop}) splits an image span (a query needs keys beyond "
                 f"position {stop}); chunk boundaries must not fall inside an image"
