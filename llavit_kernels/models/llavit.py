@@ -460,8 +460,9 @@ class LlavitForConditionalGeneration(nn.Module):
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            # the mask only grew by a column of ones since the prompt's was validated: skip the sync
             layout = SpanLayout.from_image_mask(torch.zeros_like(nxt[:, None], dtype=torch.bool), mask,
-                                                past_length=caches[0].length)
+                                                past_length=caches[0].length, validate=False)
             pos = pos[:, -1:] + 1
             emb = lm.model.embed_tokens(nxt.masked_fill(nxt == self.config.image_token_id, 0))[:, None]
             logits = lm(emb, layout, pos, caches)[:, -1]
