@@ -1,5 +1,6 @@
 """Converting Hugging Face models in place (Qwen2, Llama, LLaVA). Importing this needs transformers."""
 
+from . import transformers as _hf
 from .transformers import (
     HFLlavitAttention,
     LlavitLayoutSource,
@@ -11,13 +12,4 @@ from .transformers import (
     register_llavit_attention,
 )
 
-__all__ = [
-    "apply_llavit",
-    "apply_llavit_mask",
-    "load_llavit_weights",
-    "llavit_state_dict",
-    "register_llavit_attention",
-    "llavit_attention_forward",
-    "HFLlavitAttention",
-    "LlavitLayoutSource",
-]
+__all__ = [name for name in _hf.__all__ if name != "LAYOUT_KWARG"]

@@ -21,11 +21,10 @@ import torch
 
 from . import _modality_linear_kernels as K_
 from . import _modality_linear_tma as _tma
-from ._modality_linear_kernels import cdiv
+from ._modality_linear_kernels import _next_pow2, cdiv
+from .modality_linear import TRITON_DTYPES as _TRITON_DTYPES  # one source of truth
 
 __all__ = ["modality_linear_triton", "modality_qkv_triton"]
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -247,11 +246,11 @@ def ml_qkv_grad(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: Optio
         cos = cos.reshape(-1, head_dim).contiguous()
         sin = sin.reshape(-1, head_dim).contiguous()
         cos_rows = cos.shape[0]
-        block_d = max(triton_next_pow2(head_dim // 2), 1)
+        block_d = max(_next_pow2(head_dim // 2), 1)
     else:
         cos = sin = dq
         cos_rows = 1
-        block_d = triton_next_pow2(head_dim)
+        block_d = _next_pow2(head_dim)
     block_m = 16 if K_.INTERPRET else 32
     grid = (cdiv(M, block_m), num_heads + 2 * num_kv_heads)
     K_.qkv_grad_kernel[grid](dq, dk, dv, cos, sin, dy, M, num_heads, num_kv_heads, cos_rows,
@@ -263,10 +262,6 @@ def ml_qkv_grad(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: Optio
 def _(dq, dk, dv, cos, sin, num_heads, num_kv_heads):
     head_dim = dq.shape[2]
     return dq.new_empty((dq.shape[0], (num_heads + 2 * num_kv_heads) * head_dim))
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 # ----------------------------------------------------------------------------- autograd
