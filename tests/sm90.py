@@ -34,6 +34,27 @@ constexpr argument names to values (ints, bools, floats, strings). The result di
     num_warps, num_stages
     hgmma           bool, the SASS contains HGMMA (Hopper warpgroup MMA) instructions
     ptxas_info      the text of cuobjdump's resource-usage report
+    ptxas_warnings  list of ptxas warning lines for this kernel (ptxas is re-run on the PTX with
+                    Triton's flags, so warnings are seen even when the cubin came from Triton's cache)
+    wgmma_serialized  bool: a ptxas warning says wgmma.mma_async was serialised (C7515 and similar):
+                    the async wgmma pipeline silently became a serial one
+    hgmma_shapes    {"64x128x16.F32.BF16": count, ...}: the HGMMA instructions in the SASS
+    local_insts_in_loops  STL/LDL instructions inside loop bodies (between a backward branch and its
+                    target in the SASS); spills outside loops are cheap, these are not
+    wgmma_operands  one dict per shared-memory operand of an async wgmma (ttng.warp_group_dot with
+                    isAsync) in the TTGIR: {"dot", "operand" ("a"/"b"), "shape", "buffers" (leading dim
+                    of the multi-buffered ttg.local_alloc it is read from; 1 for a single buffer;
+                    None when the def chain could not be followed, e.g. a loop-carried block argument),
+                    "pipelined" (read from a mutable buffer, i.e. refilled by async copies)}
+    smem_buffer_issues  list of str: pipelined async-wgmma operands with fewer shared-memory buffers
+                    than num_stages (a buffer read by a pending wgmma while cp.async refills it: the
+                    race of Triton issue 6691)
+
+``sm90_problems(res, shared_limit=H100_SHARED_LIMIT)`` lists what the static rules reject in one
+result (wgmma serialisation, local loads/stores inside loops, shared memory over the limit, too few
+buffers for async wgmma operands, no HGMMA when ``need_hgmma``); ``assert_sm90_ok(res, label)``
+raises an AssertionError naming each problem; ``compile_sm90_checked(...)`` is ``compile_sm90`` plus
+``assert_sm90_ok``.
 
 An optional keyword ``divisible_by_16`` (argument names) marks pointers/ints as 16-divisible, the
 specialisation Triton's launcher applies at run time to aligned pointers and strides.
@@ -136,13 +157,124 @@ def _resource_usage(cubin: bytes) -> Dict[str, Any]:
     # Local loads/stores in the SASS: spills (or stack arrays). ptxas puts spills in the stack
     # frame, which cuobjdump reports as STACK (LOCAL is usually 0 even for a spilling kernel).
     local_insts = len(re.findall(r"\b(?:STL|LDL)(?:\.[A-Z0-9]+)*\s", sass.stdout))
+    shapes: Dict[str, int] = {}
+    for shape in re.findall(r"\bHGMMA\.([0-9]+x[0-9]+x[0-9]+(?:\.[A-Z0-9]+)*)", sass.stdout):
+        shapes[shape] = shapes.get(shape, 0) + 1
     return {
         "name": name,
         "usage": usage,
         "hgmma": "HGMMA" in sass.stdout,
+        "hgmma_shapes": shapes,
         "local_insts": local_insts,
+        "local_insts_in_loops": _local_insts_in_loops(sass.stdout),
         "resource_text": "\n".join(resource_lines),
     }
+
+
+_SASS_INST_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def _local_insts_in_loops(sass: str) -> int:
+    """STL/LDL inside a loop body: between the target of a backward branch and the branch."""
+    insts = [(int(addr, 16), text) for addr, text in _SASS_INST_RE.findall(sass)]
+    loops = []
+    for addr, text in insts:
+        m = re.search(r"\bBRA(?:\.[A-Z]+)*\s+(?:`\()?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    return sum(
+        1 for addr, text in insts
+        if re.search(r"\b(?:STL|LDL)\b", text) and any(lo <= addr <= hi for lo, hi in loops)
+    )
+
+
+# ----------------------------------------------------------------------------- ptxas warnings
+_WGMMA_SERIAL_RE = re.compile(r"C7515|C7510|wgmma[^\n]*serializ", re.IGNORECASE)
+
+
+def _ptxas_warnings(ptx: str, arch: str = "sm_90a") -> List[str]:
+    """Warnings ptxas prints for this PTX, with the flags Triton uses (-lineinfo -v). Triton drops
+    the ptxas log unless it fails, and skips ptxas entirely on a cache hit, so re-run it here
+    (about 0.5 s per kernel); the log is cached by the PTX's hash."""
+    import hashlib
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    key = hashlib.sha256((arch + ptx).encode()).hexdigest()[:32]
+    cache_dir = os.path.join(os.path.expanduser(os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")), "sm90_ptxas")
+    cache = os.path.join(cache_dir, key + ".log")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            log = f.read()
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "kernel.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            proc = subprocess.run(
+                [get_ptxas(90).path, "-lineinfo", "-v", f"--gpu-name={arch}", src, "-o", src + ".o"],
+                capture_output=True, text=True,
+            )
+            log = proc.stdout + proc.stderr
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(cache, "w") as f:
+            f.write(log)
+    return [ln.strip() for ln in log.splitlines() if "warning" in ln.lower()]
+
+
+# ----------------------------------------------------------------------------- TTGIR: wgmma operand buffers
+_SSA_DEF_RE = re.compile(r"^\s*(%[\w.$-]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
+_MEMDESC_RE = re.compile(r"!ttg\.memdesc<([0-9x]+)x[a-z]+[0-9]*,")
+
+
+def _wgmma_operands(ttgir: str) -> List[Dict[str, Any]]:
+    """Shared-memory operands of async wgmmas and the number of buffers behind each."""
+    defs: Dict[str, tuple] = {}
+    dots = []
+    for line in ttgir.splitlines():
+        m = _SSA_DEF_RE.match(line)
+        if not m:
+            continue
+        name, op, rest = m.groups()
+        defs[name] = (op, rest)
+        if op == "ttng.warp_group_dot" and "isAsync = true" in rest:
+            dots.append(rest)
+
+    def source(value: str, depth: int = 0):
+        """(alloc dims, mutable) of the ttg.local_alloc a memdesc value is a view of, or None."""
+        value = value.split("#")[0]
+        if depth > 16 or value not in defs:
+            return None  # a block argument (loop-carried) or unknown
+        op, rest = defs[value]
+        if op == "ttg.local_alloc":
+            m = _MEMDESC_RE.search(rest.split("->")[-1] if "->" in rest else rest)
+            if not m:
+                return None
+            return [int(d) for d in m.group(1).split("x")], "mutable" in rest.split("->")[-1]
+        if op.startswith("ttg.memdesc_") or op in ("ttg.memdesc_index", "ttg.memdesc_subview"):
+            first = re.match(r"\s*(%[\w.$#-]+)", rest)
+            return source(first.group(1), depth + 1) if first else None
+        return None
+
+    found = []
+    for index, rest in enumerate(dots):
+        operands = re.match(r"\s*(%[\w.$#-]+),\s*(%[\w.$#-]+),", rest)
+        types = rest.split("} :", 1)[1] if "} :" in rest else rest.split(" : ", 1)[-1]
+        type_parts = types.split(" * ")
+        for slot, value in zip(("a", "b"), operands.groups() if operands else ()):
+            ty = type_parts[0 if slot == "a" else 1] if len(type_parts) > 1 else ""
+            if "!ttg.memdesc" not in ty:
+                continue  # a register operand (ttg.dot_op layout)
+            shape_m = _MEMDESC_RE.search(ty)
+            shape = [int(d) for d in shape_m.group(1).split("x")] if shape_m else None
+            src = source(value)
+            buffers = pipelined = None
+            if src is not None:
+                dims, mutable = src
+                pipelined = mutable
+                buffers = dims[0] if shape is not None and len(dims) == len(shape) + 1 else 1
+            found.append({"dot": index, "operand": slot, "shape": shape, "buffers": buffers, "pipelined": pipelined})
+    return found
 
 
 def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16=()) -> Dict[str, Any]:
@@ -174,6 +306,14 @@ def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages, div
     triton_shared = int(getattr(compiled.metadata, "shared", 0) or 0)
     usage = info["usage"]
     local = usage["LOCAL"] + usage["STACK"]
+    warnings = _ptxas_warnings(compiled.asm["ptx"])
+    operands = _wgmma_operands(compiled.asm["ttgir"])
+    buffer_issues = [
+        f"async wgmma {o['dot']} operand {o['operand']} {o['shape']}: {o['buffers']} shared-memory buffer(s) "
+        f"< num_stages={num_stages}"
+        for o in operands
+        if num_stages > 1 and o["pipelined"] and o["buffers"] is not None and o["buffers"] < num_stages
+    ]
     return {
         "name": info["name"] or jit_fn.__name__,
         "registers": usage["REG"],
@@ -187,7 +327,13 @@ def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages, div
         "num_warps": num_warps,
         "num_stages": num_stages,
         "hgmma": info["hgmma"],
+        "hgmma_shapes": info["hgmma_shapes"],
+        "local_insts_in_loops": info["local_insts_in_loops"],
         "ptxas_info": info["resource_text"],
+        "ptxas_warnings": warnings,
+        "wgmma_serialized": any(_WGMMA_SERIAL_RE.search(w) for w in warnings),
+        "wgmma_operands": operands,
+        "smem_buffer_issues": buffer_issues,
     }
 
 
@@ -290,6 +436,39 @@ def compile_sm90_many(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         )
         for j in jobs
     ]
+
+
+def sm90_problems(res: Dict[str, Any], shared_limit: int = H100_SHARED_LIMIT, need_hgmma: bool = False) -> List[str]:
+    """What the static rules reject in one ``compile_sm90`` result (empty list: fine)."""
+    problems = []
+    if res["wgmma_serialized"]:
+        problems.append("ptxas serialised wgmma: " + " | ".join(w for w in res["ptxas_warnings"] if _WGMMA_SERIAL_RE.search(w)))
+    if res["local_insts_in_loops"]:
+        problems.append(f"{res['local_insts_in_loops']} local loads/stores (spills) inside loop bodies")
+    if res["shared_total"] > shared_limit:
+        problems.append(f"{res['shared_total']} B shared memory > {shared_limit}")
+    problems.extend(res["smem_buffer_issues"])
+    if need_hgmma and not res["hgmma"]:
+        problems.append("no HGMMA instruction in the SASS")
+    return problems
+
+
+def assert_sm90_ok(res: Dict[str, Any], label: str = "", **kwargs) -> None:
+    problems = sm90_problems(res, **kwargs)
+    if problems:
+        raise AssertionError(
+            f"{label or res['name']} (w{res['num_warps']} s{res['num_stages']}, {res['registers']} regs, "
+            f"HGMMA {res['hgmma_shapes']}): " + "; ".join(problems)
+        )
+
+
+def compile_sm90_checked(
+    kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int, divisible_by_16=(), **check_kwargs
+) -> dict:
+    """``compile_sm90`` then ``assert_sm90_ok``: raises on wgmma serialisation and the other rules."""
+    res = compile_sm90(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16)
+    assert_sm90_ok(res, **check_kwargs)
+    return res
 
 
 if __name__ == "__main__":

@@ -139,3 +139,38 @@ def test_fp32_ieee_variant_compiles(compiled, job_id):
 def test_matmul_kernels_use_hopper_wgmma(compiled, job_id):
     # HGMMA in the SASS: tl.dot lowered to warpgroup MMA, not to a slow fallback.
     assert compiled[job_id]["hgmma"], f"{job_id}: no HGMMA instruction in the SASS"
+
+
+# ----------------------------------------------------------------------------- the static tier's own parsers
+def test_sm90_parsers_catch_what_they_are_for():
+    # The checks must be able to fail: fed a C7515 log line, a spill inside a loop and a
+    # single-buffered pipelined wgmma operand, each is reported.
+    import sm90
+
+    assert sm90._WGMMA_SERIAL_RE.search(
+        "ptxas warning : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+        "due to the presence of Extern calls in the function '_k'"
+    )
+    sass = "\n".join([
+        "        /*0100*/                   STL [R1], R2 ;",
+        "        /*0110*/                   LDL R3, [R1] ;",
+        "        /*0120*/                   HGMMA.64x16x16.F32.BF16 gdesc[UR4], R24 ;",
+        "        /*0130*/              @!P2 BRA 0x110 ;",
+    ])
+    assert sm90._local_insts_in_loops(sass) == 1  # the LDL at 0x110 is in the loop 0x110..0x130, the STL is not
+    ttgir = "\n".join([
+        "    %a = ttg.local_alloc %x : (tensor<64x64xbf16, #blocked>) -> !ttg.memdesc<64x64xbf16, #shared, #smem> loc(#l)",
+        "    %b = ttg.local_alloc : () -> !ttg.memdesc<1x64x32xbf16, #shared, #smem, mutable> loc(#l)",
+        "    %bi = ttg.memdesc_index %b[%c0] : !ttg.memdesc<1x64x32xbf16, #shared, #smem, mutable> -> "
+        "!ttg.memdesc<64x32xbf16, #shared, #smem, mutable> loc(#l)",
+        "    %d = ttng.warp_group_dot %a, %bi, %c {inputPrecision = 0 : i32, isAsync = true} : "
+        "!ttg.memdesc<64x64xbf16, #shared, #smem> * !ttg.memdesc<64x32xbf16, #shared, #smem, mutable> -> tensor<64x32xf32, #mma>",
+    ])
+    ops = sm90._wgmma_operands(ttgir)
+    assert [(o["operand"], o["buffers"], o["pipelined"]) for o in ops] == [("a", 1, False), ("b", 1, True)]
+    res = dict(name="k", wgmma_serialized=True, ptxas_warnings=["ptxas warning : (C7515) wgmma serialized"],
+               local_insts_in_loops=1, shared_total=300 * 1024, smem_buffer_issues=["b: 1 < 2"], hgmma=False,
+               num_warps=4, num_stages=2, registers=100, hgmma_shapes={})
+    assert len(sm90.sm90_problems(res, need_hgmma=True)) == 5
+    with pytest.raises(AssertionError, match="serialised wgmma"):
+        sm90.assert_sm90_ok(res)
