@@ -46,17 +46,9 @@ pytestmark = [
 ]
 
 
-def _clear_autotune_caches():
-    for kernel in (K.span_fwd_kernel, K.span_bwd_dq_kernel, K.span_bwd_dkdv_kernel):
-        kernel.cache.clear()
-
-
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(T, "POISON_OUTPUTS", True)
-    # On a GPU: one config per kernel (one compile each) keeps the tier fast on a cold machine;
-    # test_gpu_every_autotune_config covers the other configs.
-    monkeypatch.setattr(K, "AUTOTUNE", False)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -444,19 +436,16 @@ def test_gpu_realistic_sizes(dtype, head_dim):
 
 
 @requires_cuda
-@pytest.mark.parametrize("config_index", [0, 1, 2])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_gpu_every_autotune_config(monkeypatch, config_index, head_dim):
-    # Autotuning picks one config per shape; each config of the tables must be correct on its own.
+@pytest.mark.parametrize("config_index", [1, 2])
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+def test_gpu_every_config(monkeypatch, config_index, head_dim):
+    # Entry 0 of each candidate list is pinned and runs in every other test; the other candidates
+    # (kept for re-pinning from GPU timings) must be correct on their own too.
     monkeypatch.setattr(K, "FORCE_CONFIG", config_index)
-    _clear_autotune_caches()
-    try:
-        rng = random.Random(config_index)
-        layout = padded_layout(rng, batch=2, length=333, image_share=0.3, pad="left")
-        q, k, v, do = make_qkv(layout, heads=6, kv_heads=2, head_dim=head_dim, dtype=torch.bfloat16)
-        check_against_reference(layout, q, k, v, do)
-    finally:
-        _clear_autotune_caches()
+    rng = random.Random(config_index)
+    layout = padded_layout(rng, batch=2, length=333, image_share=0.3, pad="left")
+    q, k, v, do = make_qkv(layout, heads=6, kv_heads=2, head_dim=head_dim, dtype=torch.bfloat16)
+    check_against_reference(layout, q, k, v, do)
 
 
 @requires_cuda

@@ -5,12 +5,17 @@ The ops are registered with ``torch.library.custom_op`` and ``register_fake`` an
 CUDA-graph capture works: grid sizes come from shapes only; the launch path never reads tensor
 values (no ``.item()``, ``.tolist()``, ``nonzero()``). Kernels live in ``_span_attention_kernels``.
 
-Autotuning happens on the first call for a (head dim, sequence bucket, dtype) key; warm
-up once before capturing a CUDA graph.
+Every launch uses the config pinned per (GPU arch, dtype, head dim) in ``_span_attention_kernels``
+(no timing-based autotuning: two processes run the same tiles, so results are bitwise equal), runs
+on the tensors' device (not the current one), and compiles once per such key: nothing is
+specialised on the sequence length. The first call per key compiles; warm up once before capturing
+a CUDA graph.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -105,19 +110,56 @@ def _check_row_offsets_fit_int32(**tensors: torch.Tensor) -> None:
             )
 
 
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_type: str, index: Optional[int]) -> int:
+    """Compute capability as 10 * major + minor (90 for H100/H200); 90 off CUDA (the interpreter
+    ignores configs' arch-specific parts)."""
+    if device_type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def _launch_guard(device: torch.device):
+    """Kernels launch on the current CUDA device and stream; make that the tensors' device (a model
+    split over GPUs calls us with tensors that are not on the current device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _launch(kernel, grid, args, config=None, **constexprs):
+    """One kernel launch; ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) or None."""
+    if config is not None:
+        block_m, block_n, warps, stages = config
+        constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    kernel[grid](*args, **constexprs)
+
+
 def _meta(q: torch.Tensor, k: torch.Tensor):
     head_dim = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(head_dim))
     groups = q.shape[-2] // k.shape[-2]
-    seq = max(q.shape[-3], k.shape[-3])
-    # Two autotune buckets (short / long sequences): each new key costs an autotuning pass.
-    seq_bucket = 1024 if seq <= 1024 else 16384
     upcast = K.INTERPRETING and q.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests want true fp32 dots
-    return dict(groups=groups, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=precision), seq_bucket
+    return dict(groups=groups, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=precision)
+
+
+def _config(kind: str, q: torch.Tensor):
+    """The pinned (BLOCK_M, BLOCK_N, num_warps, num_stages) for this kernel, dtype, head dim, GPU."""
+    arch = _arch(q.device.type, q.device.index)
+    return K.pinned_config(kind, _DTYPE_NAMES[q.dtype], q.shape[-1], arch)
 
 
 def _forward_impl(q, k, v, kv_start, kv_end, softmax_scale):
+    with _launch_guard(q.device):
+        return _forward_launch(q, k, v, kv_start, kv_end, softmax_scale)
+
+
+def _forward_launch(q, k, v, kv_start, kv_end, softmax_scale):
     out = _new_output(q.shape, q.dtype, q.device)
     lse = _new_output(_lse_shape(q), torch.float32, q.device)
     q4, k4, v4, o4 = (_last_dim_contiguous(_as4d(t)) for t in (q, k, v, out))
@@ -128,22 +170,29 @@ def _forward_impl(q, k, v, kv_start, kv_end, softmax_scale):
     if q4.numel() == 0:
         return out, lse
     _check_row_offsets_fit_int32(q=q4, k=k4, v=v4, out=o4)
-    meta, seq_bucket = _meta(q, k)
-    grid = lambda m: (triton.cdiv(tq, m["BLOCK_M"]), batch * heads)  # noqa: E731
-    K.span_fwd_kernel[grid](
-        q4, k4, v4, o4, lse3, kv_start2, kv_end2,
-        q4.stride(0), q4.stride(1), q4.stride(2),
-        k4.stride(0), k4.stride(1), k4.stride(2),
-        v4.stride(0), v4.stride(1), v4.stride(2),
-        o4.stride(0), o4.stride(1), o4.stride(2),
-        kv_start2.stride(0), lse3.stride(0), lse3.stride(1),
-        heads, tq, tk, float(softmax_scale), seq_bucket,
-        **meta,
+    config = _config("fwd", q)
+    _launch(
+        K._span_fwd_kernel, (batch * heads, triton.cdiv(tq, config[0])),
+        (
+            q4, k4, v4, o4, lse3, kv_start2, kv_end2,
+            q4.stride(0), q4.stride(1), q4.stride(2),
+            k4.stride(0), k4.stride(1), k4.stride(2),
+            v4.stride(0), v4.stride(1), v4.stride(2),
+            o4.stride(0), o4.stride(1), o4.stride(2),
+            kv_start2.stride(0), lse3.stride(0), lse3.stride(1),
+            heads, tq, tk, float(softmax_scale),
+        ),
+        config, **_meta(q, k),
     )
     return out, lse
 
 
 def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, softmax_scale):
+    with _launch_guard(q.device):
+        return _backward_launch(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, softmax_scale)
+
+
+def _backward_launch(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, softmax_scale):
     dq = _new_output(q.shape, q.dtype, q.device)
     dk = _new_output(k.shape, k.dtype, k.device)
     dv = _new_output(v.shape, v.dtype, v.device)
@@ -157,42 +206,51 @@ def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_st
     lse3 = _lse_as3d(lse).contiguous()
     batch, tq, heads, _ = q4.shape
     tk, kv_heads = k4.shape[1], k4.shape[2]
-    meta, seq_bucket = _meta(q, k)
+    meta = _meta(q, k)
 
     delta = _new_output(lse3.shape, torch.float32, lse3.device)
     dlse3 = _lse_as3d(grad_lse).contiguous() if grad_lse is not None else delta  # dummy pointer when absent
-    K.span_bwd_pre_kernel[(triton.cdiv(tq, K.PRE_BLOCK_M), batch * heads)](
-        o4, do4, dlse3, delta,
-        o4.stride(0), o4.stride(1), o4.stride(2),
-        do4.stride(0), do4.stride(1), do4.stride(2),
-        lse3.stride(0), lse3.stride(1),
-        heads, tq,
+    _launch(
+        K._span_bwd_pre_kernel, (batch * heads, triton.cdiv(tq, K.PRE_BLOCK_M)),
+        (
+            o4, do4, dlse3, delta,
+            o4.stride(0), o4.stride(1), o4.stride(2),
+            do4.stride(0), do4.stride(1), do4.stride(2),
+            lse3.stride(0), lse3.stride(1),
+            heads, tq,
+        ),
         HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], HAS_DLSE=grad_lse is not None, BLOCK_M=K.PRE_BLOCK_M,
     )
-    grid_q = lambda m: (triton.cdiv(tq, m["BLOCK_M"]), batch * heads)  # noqa: E731
-    K.span_bwd_dq_kernel[grid_q](
-        q4, k4, v4, do4, lse3, delta, dq4, kv_start2, kv_end2,
-        q4.stride(0), q4.stride(1), q4.stride(2),
-        k4.stride(0), k4.stride(1), k4.stride(2),
-        v4.stride(0), v4.stride(1), v4.stride(2),
-        do4.stride(0), do4.stride(1), do4.stride(2),
-        dq4.stride(0), dq4.stride(1), dq4.stride(2),
-        kv_start2.stride(0), lse3.stride(0), lse3.stride(1),
-        heads, tq, tk, float(softmax_scale), seq_bucket,
-        **meta,
+    config = _config("dq", q)
+    _launch(
+        K._span_bwd_dq_kernel, (batch * heads, triton.cdiv(tq, config[0])),
+        (
+            q4, k4, v4, do4, lse3, delta, dq4, kv_start2, kv_end2,
+            q4.stride(0), q4.stride(1), q4.stride(2),
+            k4.stride(0), k4.stride(1), k4.stride(2),
+            v4.stride(0), v4.stride(1), v4.stride(2),
+            do4.stride(0), do4.stride(1), do4.stride(2),
+            dq4.stride(0), dq4.stride(1), dq4.stride(2),
+            kv_start2.stride(0), lse3.stride(0), lse3.stride(1),
+            heads, tq, tk, float(softmax_scale),
+        ),
+        config, **meta,
     )
-    grid_k = lambda m: (triton.cdiv(tk, m["BLOCK_N"]), batch * kv_heads)  # noqa: E731
-    K.span_bwd_dkdv_kernel[grid_k](
-        q4, k4, v4, do4, lse3, delta, dk4, dv4, kv_start2, kv_end2, q_start2, q_end2,
-        q4.stride(0), q4.stride(1), q4.stride(2),
-        k4.stride(0), k4.stride(1), k4.stride(2),
-        v4.stride(0), v4.stride(1), v4.stride(2),
-        do4.stride(0), do4.stride(1), do4.stride(2),
-        dk4.stride(0), dk4.stride(1), dk4.stride(2),
-        dv4.stride(0), dv4.stride(1), dv4.stride(2),
-        kv_start2.stride(0), q_start2.stride(0), lse3.stride(0), lse3.stride(1),
-        kv_heads, tq, tk, float(softmax_scale), seq_bucket,
-        **meta,
+    config = _config("dkdv", q)
+    _launch(
+        K._span_bwd_dkdv_kernel, (batch * kv_heads, triton.cdiv(tk, config[1])),
+        (
+            q4, k4, v4, do4, lse3, delta, dk4, dv4, kv_start2, kv_end2, q_start2, q_end2,
+            q4.stride(0), q4.stride(1), q4.stride(2),
+            k4.stride(0), k4.stride(1), k4.stride(2),
+            v4.stride(0), v4.stride(1), v4.stride(2),
+            do4.stride(0), do4.stride(1), do4.stride(2),
+            dk4.stride(0), dk4.stride(1), dk4.stride(2),
+            dv4.stride(0), dv4.stride(1), dv4.stride(2),
+            kv_start2.stride(0), q_start2.stride(0), lse3.stride(0), lse3.stride(1),
+            kv_heads, tq, tk, float(softmax_scale),
+        ),
+        config, **meta,
     )
     return dq, dk, dv
 
