@@ -341,6 +341,176 @@ def test_lse_output_and_its_gradient():
     torch.testing.assert_close(gk.double(), gk_gold, atol=1e-4, rtol=1e-4)
 
 
+# ----------------------------------------------------------------------------- launch path: bounds, device, recompiles
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_intervals_past_the_tensors_are_clamped(dtype):
+    # A layout whose intervals reach past the tensors: query_chunk(validate=False) cutting an image
+    # (kv_end > Tk for the image's queries), then by hand kv_end and q_end pushed further past Tk
+    # and Tq (by more than a block). Keys/queries that do not exist are not attended to: the result
+    # equals the reference on the mask intersected with the tensors, and no full-block load leaves
+    # the tensors (poisoned outputs: every element written).
+    img = torch.zeros(1, 90, dtype=torch.bool, device=DEVICE)
+    img[0, 3:9] = True
+    img[0, 40:85] = True  # cut by the chunk [20, 60)
+    chunk = SpanLayout.from_image_mask(img).query_chunk(20, 40, validate=False)
+    tq, tk = chunk.num_queries, chunk.num_keys
+    assert (chunk.kv_end > tk).any()
+    kv_end = torch.where(chunk.kv_end > tk, chunk.kv_end + 70, chunk.kv_end)
+    q_end = torch.where(chunk.q_end >= tq, chunk.q_end + 70, chunk.q_end)
+    layout = SpanLayout(chunk.is_image, chunk.kv_start, kv_end.contiguous(), chunk.q_start, q_end.contiguous(),
+                        None, chunk.query_offset)
+    assert (layout.kv_end > tk + 64).any() and (layout.q_end > tq + 64).any()
+    q, k, v, do = make_qkv(layout, heads=2, kv_heads=1, head_dim=64, dtype=dtype)
+    check_against_reference(layout, q, k, v, do)
+
+
+def test_launches_run_under_the_device_guard(monkeypatch):
+    # Every kernel launch happens inside _launch_guard(q.device) (on CUDA: torch.cuda.device(q.device),
+    # so a model split over GPUs launches on the tensors' GPU, not the current one).
+    depth, launches, guarded = [0], [], []
+    real_guard, real_launch = T._launch_guard, T._launch
+
+    class Recorder:
+        def __init__(self, device):
+            guarded.append(device)
+            self.inner = real_guard(device)
+
+        def __enter__(self):
+            depth[0] += 1
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            depth[0] -= 1
+            return self.inner.__exit__(*exc)
+
+    def launch(kernel, grid, args, config=None, **constexprs):
+        launches.append((getattr(kernel, "__name__", str(kernel)), depth[0]))
+        return real_launch(kernel, grid, args, config, **constexprs)
+
+    monkeypatch.setattr(T, "_launch_guard", Recorder)
+    monkeypatch.setattr(T, "_launch", launch)
+    layout = padded_layout(random.Random(2), batch=1, length=20)
+    q, k, v, do = make_qkv(layout, heads=2, kv_heads=1, head_dim=64, dtype=torch.float32)
+    _fwd_bwd(lambda q, k, v: span_attention(q, k, v, layout, backend="triton"), q, k, v, do)
+    assert len(launches) == 4 and all(d == 1 for _, d in launches), launches  # fwd, pre, dq, dkdv
+    assert guarded and all(dev == q.device for dev in guarded)
+    if HAS_CUDA:
+        assert isinstance(real_guard(torch.device("cuda", 0)), torch.cuda.device)
+
+
+def _specialization_keys(kernel_launches, honour_do_not_specialize=True):
+    """The compile-cache key Triton's launcher computes for each recorded launch, for sm_90 (no GPU
+    needed: the binder only looks at argument values and pointer alignment)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    keys = {}
+    for kernel, args, constexprs in kernel_launches:
+        dns = getattr(kernel, "do_not_specialize", None)
+        if dns is None:  # interpreter object: the decorator's arguments are kept in .kwargs
+            dns = kernel.kwargs.get("do_not_specialize", ())
+        jit = JITFunction(kernel.fn, do_not_specialize=list(dns) if honour_do_not_specialize else [])
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+        constexprs = dict(constexprs)
+        options = {n: constexprs.pop(n) for n in ("num_warps", "num_stages") if n in constexprs}
+        _, specialization, _ = binder(*args, **constexprs)
+        keys.setdefault(kernel.fn.__name__, set()).add(repr((specialization, sorted(options.items()))))
+    return keys
+
+
+def test_no_recompile_across_sequence_lengths(monkeypatch):
+    # One compiled variant per kernel for every T (and batch size): lengths and the strides that
+    # follow T are not value-specialised (do_not_specialize), so Triton's cache key does not change.
+    launches = []
+
+    def record(kernel, grid, args, config=None, **constexprs):
+        if config is not None:
+            constexprs.update(BLOCK_M=config[0], BLOCK_N=config[1], num_warps=config[2], num_stages=config[3])
+        launches.append((kernel, args, dict(constexprs)))
+
+    monkeypatch.setattr(T, "_launch", record)
+    for length, batch in ((1, 1), (17, 2), (37, 1), (48, 3), (64, 2), (100, 1), (129, 2), (1000, 1)):
+        img = torch.zeros(batch, length, dtype=torch.bool, device=DEVICE)
+        img[:, length // 3: length // 2] = True
+        layout = SpanLayout.from_image_mask(img)
+        q, k, v, do = make_qkv(layout, heads=4, kv_heads=2, head_dim=64, dtype=torch.float16)
+        out, lse = T._forward_impl(q, k, v, layout.kv_start, layout.kv_end, 0.125)
+        T._backward_impl(do, None, q, k, v, out, lse, layout.kv_start, layout.kv_end, layout.q_start,
+                         layout.q_end, 0.125)
+    keys = _specialization_keys(launches)
+    assert len(launches) == 8 * 4 and len(keys) == 4
+    assert all(len(v) == 1 for v in keys.values()), {k: len(v) for k, v in keys.items()}
+    # The check can fail: without do_not_specialize the same launches give several variants.
+    unpinned = _specialization_keys(launches, honour_do_not_specialize=False)
+    assert all(len(v) > 1 for v in unpinned.values()), {k: len(v) for k, v in unpinned.items()}
+
+
+def test_pinned_config_per_arch_dtype_head_dim(monkeypatch):
+    # No timing-based choice anywhere: the config is a function of (kind, dtype, head dim, arch).
+    monkeypatch.setattr(K, "INTERPRETING", False)
+    for kind in ("fwd", "dq", "dkdv"):
+        for head_dim in (64, 80, 96, 128):
+            assert K.pinned_config(kind, "bf16", head_dim, 90) == K.HALF_CONFIGS_SM90[kind][head_dim][0]
+            assert K.pinned_config(kind, "fp16", head_dim, 90) == K.HALF_CONFIGS_SM90[kind][head_dim][0]
+            assert K.pinned_config(kind, "fp32", head_dim, 90) == K.FP32_CONFIGS[kind][head_dim][0]
+            assert K.pinned_config(kind, "bf16", head_dim, 80) == K.HALF_CONFIGS_OTHER[kind][head_dim][0]
+    monkeypatch.setattr(K, "FORCE_CONFIG", 1)
+    assert K.pinned_config("fwd", "bf16", 128, 90) == K.HALF_CONFIGS_SM90["fwd"][128][1]
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import os, sys, random, torch
+sys.path[:0] = [os.environ["REPO"], os.path.join(os.environ["REPO"], "tests")]
+from llavit_kernels import SpanLayout, span_attention
+img = torch.zeros(2, {length}, dtype=torch.bool)
+img[:, 5:{length} // 2] = True
+layout = SpanLayout.from_image_mask(img.to("{device}"))
+gen = torch.Generator().manual_seed(7)
+q = torch.randn(2, {length}, 4, {dim}, generator=gen).to("{device}", {dtype}).requires_grad_()
+k = torch.randn(2, {length}, 2, {dim}, generator=gen).to("{device}", {dtype}).requires_grad_()
+v = torch.randn(2, {length}, 2, {dim}, generator=gen).to("{device}", {dtype}).requires_grad_()
+out = span_attention(q, k, v, layout, backend="triton")
+grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+torch.save([t.detach().cpu() for t in (out, *grads)], sys.argv[1])
+"""
+
+
+def test_bitwise_equal_across_processes(tmp_path):
+    # Determinism that holds across processes (the pinned config, no autotuning by timing): two
+    # fresh processes give bitwise-equal outputs and gradients. GPU tier: bf16 at a size where the
+    # GPU configs see many blocks; interpreter tier: a small fp32 case (each process ~10 s).
+    import os
+    import subprocess
+    import sys
+
+    if HAS_CUDA:
+        params = dict(length=700, dim=128, device="cuda", dtype="torch.bfloat16")
+    else:
+        params = dict(length=24, dim=64, device="cpu", dtype="torch.float32")
+    script = tmp_path / "run.py"
+    script.write_text(_TWO_PROCESS_SCRIPT.format(**params))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, REPO=repo)
+    results = []
+    for i in range(2):
+        path = tmp_path / f"r{i}.pt"
+        subprocess.run([sys.executable, str(script), str(path)], check=True, env=env, timeout=600)
+        results.append(torch.load(path))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_runs_on_a_non_current_device():
+    rng = random.Random(41)
+    layout = padded_layout(rng, batch=1, length=200, pad="left").to("cuda:1")
+    q, k, v, do = (t.to("cuda:1") for t in make_qkv(layout, heads=4, kv_heads=2, head_dim=128, dtype=torch.bfloat16))
+    assert torch.cuda.current_device() == 0
+    check_against_reference(layout, q, k, v, do)
+
+
 # ----------------------------------------------------------------------------- errors
 def test_unsupported_head_dim_raises():
     layout = SpanLayout.from_image_mask(torch.zeros(1, 8, dtype=torch.bool, device=DEVICE))

@@ -21,9 +21,11 @@ ride along in unmasked query blocks and are neutralised at the store (dK = dV = 
 
 Conventions: scores are handled in base 2; the softmax scale is folded into the exp2 argument
 (``exp2(s * qk_scale - m)`` is one FMA per element, ``qk_scale = softmax_scale * log2(e)``); the
-saved ``lse`` is in natural-log units, ``[B, H, Tq]`` fp32. Element masks always come from the
-per-query intervals (one source of truth); the per-key intervals only choose the query blocks of
-dK/dV.
+saved ``lse`` is in natural-log units, ``[B, H, Tq]`` fp32. The forward and dQ take element masks from the per-query intervals;
+the dK/dV kernel takes both its query-block range and its element masks from the per-key intervals
+of its own keys (held in registers: no per-row interval loads inside its loop). For every
+SpanLayout the two interval sets describe the same mask (``dense_mask_from_key_intervals``);
+``KV_START``/``KV_END`` stay in the dK/dV signature unused.
 
 Scheduling: grids are ``(B * heads, blocks)``. The hardware dispatches program ids with axis 0
 fastest, so every (batch, head) gets its heaviest block first and the light blocks fill the tail
@@ -72,9 +74,9 @@ HALF_CONFIGS_SM90 = {
     },
     "dkdv": {
         64: [(64, 128, 8, 2), (32, 128, 8, 2)],
-        80: [(64, 128, 8, 2), (32, 128, 8, 2)],
-        96: [(64, 128, 8, 2), (32, 128, 8, 2)],
-        128: [(64, 128, 8, 2), (32, 128, 8, 2)],
+        80: [(32, 128, 8, 2), (32, 128, 8, 3)],
+        96: [(32, 128, 8, 2), (32, 128, 8, 3)],
+        128: [(32, 128, 8, 2), (32, 128, 8, 3)],
     },
 }
 # Pre-Hopper GPUs (sm_80/86/89: 99-163 KB shared memory, mma.sync): conservative tiles.
@@ -369,7 +371,7 @@ def _span_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, kv_start_base, kv_end_base, m0, offs_n, offs_m, offs_d,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, key_q_lo, key_q_hi, m0, offs_m, offs_d,
     Tq, stride_qt, stride_dot, qk_scale,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -399,10 +401,10 @@ def _dkdv_step(
     qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M], unscaled
     pt = tl.math.exp2(qkt * qk_scale - lse2[None, :])
     if MASKED:
-        row_ok = rows < Tq
-        kv_lo = tl.load(kv_start_base + rows, mask=row_ok, other=0)
-        kv_hi = tl.load(kv_end_base + rows, mask=row_ok, other=0)
-        allowed = (offs_n[:, None] >= kv_lo[None, :]) & (offs_n[:, None] < kv_hi[None, :])
+        # The mask from the program's own keys' query intervals (registers, loop-invariant): no
+        # per-row interval loads in the loop. For a SpanLayout both interval sets give the same
+        # mask (SpanLayout.dense_mask_from_key_intervals; tests/test_layout.py).
+        allowed = (rows[None, :] >= key_q_lo[:, None]) & (rows[None, :] < key_q_hi[:, None])
         pt = tl.where(allowed, pt, 0.0)
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -447,8 +449,6 @@ def _span_bwd_dkdv_kernel(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     qk_scale = softmax_scale * 1.4426950408889634
-    kv_start_base = KV_START + b * stride_ib
-    kv_end_base = KV_END + b * stride_ib
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -459,13 +459,13 @@ def _span_bwd_dkdv_kernel(
         lse_base = LSE + b * stride_lb + h * stride_lh
         delta_base = DELTA + b * stride_lb + h * stride_lh
         for m0 in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kv_start_base, kv_end_base,
-                                m0, offs_n, offs_m, offs_d, Tq, stride_qt, stride_dot, qk_scale,
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_lo, q_hi,
+                                m0, offs_m, offs_d, Tq, stride_qt, stride_dot, qk_scale,
                                 False, EVEN_D, HEAD_DIM, UPCAST, DOT_PRECISION)
         for i in range(0, n_masked):
             m0 = _edge_block(i, lo, full_lo, full_hi, BLOCK_M)
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kv_start_base, kv_end_base,
-                                m0, offs_n, offs_m, offs_d, Tq, stride_qt, stride_dot, qk_scale,
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_lo, q_hi,
+                                m0, offs_m, offs_d, Tq, stride_qt, stride_dot, qk_scale,
                                 True, EVEN_D, HEAD_DIM, UPCAST, DOT_PRECISION)
     # Keys no query sees (padding: q_start == q_end) are left out of the block statistics, so they
     # ride along in unmasked query blocks and pick up p = exp(s - lse) != 0 there; neutralise them
