@@ -45,7 +45,10 @@ STAGES="${STAGES:-tests attention modality layer}"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 if want tests; then
   if python -c "import pytest, hypothesis" 2>/dev/null; then
-    # not -x: one failure must not hide the others
+    # not -x: one failure must not hide the others. Span attention on CUDA includes: every candidate
+    # tile config (FORCE_CONFIG), bitwise-equal outputs and gradients from two fresh processes
+    # (test_bitwise_equal_across_processes: the pinned configs make the backward deterministic
+    # across processes), a non-current device when two GPUs exist, CUDA-graph capture.
     run 150 "CUDA correctness tests" python -m pytest -q -p no:cacheprovider \
       --junitxml="$OUT/work/junit.xml" \
       tests/test_span_attention_triton.py tests/test_modality_linear_triton.py tests/test_reference_ops.py \
