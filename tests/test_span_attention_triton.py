@@ -217,7 +217,7 @@ def test_query_chunk_view_of_full_layout():
 def test_padding_keys_in_unmasked_query_blocks_get_zero_grad(pad):
     # Padding keys (no query sees them) share a key block with valid keys whose query range holds
     # whole unmasked query blocks; the dK/dV kernel must not give them p = exp(s - lse) != 0 there.
-    # 160 tokens: long enough for such blocks with the interpreter's (32, 16) and the GPU's (16, 128)
+    # 160 tokens: long enough for such blocks with the interpreter's (32, 16) and the GPU's (32 or 64, 128)
     # dK/dV tiles; the shorter layouts above never reach an unmasked block next to padding keys.
     length, past = (80, 80) if pad == "left_in_cached_prefix" else (160, 0)
     img = torch.zeros(1, length, dtype=torch.bool)

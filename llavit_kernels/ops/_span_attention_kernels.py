@@ -21,11 +21,11 @@ ride along in unmasked query blocks and are neutralised at the store (dK = dV = 
 
 Conventions: scores are handled in base 2; the softmax scale is folded into the exp2 argument
 (``exp2(s * qk_scale - m)`` is one FMA per element, ``qk_scale = softmax_scale * log2(e)``); the
-saved ``lse`` is in natural-log units, ``[B, H, Tq]`` fp32. The forward and dQ take element masks from the per-query intervals;
-the dK/dV kernel takes both its query-block range and its element masks from the per-key intervals
-of its own keys (held in registers: no per-row interval loads inside its loop). For every
-SpanLayout the two interval sets describe the same mask (``dense_mask_from_key_intervals``);
-``KV_START``/``KV_END`` stay in the dK/dV signature unused.
+saved ``lse`` is in natural-log units, ``[B, H, Tq]`` fp32. The forward and dQ take element masks
+from the per-query intervals; the dK/dV kernel takes both its query-block range and its element
+masks from the per-key intervals of its own keys (held in registers: no per-row interval loads
+inside its loop). For every SpanLayout the two interval sets describe the same mask
+(``dense_mask_from_key_intervals``); ``KV_START``/``KV_END`` stay in the dK/dV signature unused.
 
 Scheduling: grids are ``(B * heads, blocks)``. The hardware dispatches program ids with axis 0
 fastest, so every (batch, head) gets its heaviest block first and the light blocks fill the tail
