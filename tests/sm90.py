@@ -61,6 +61,8 @@ specialisation Triton's launcher applies at run time to aligned pointers and str
 
 ``compile_sm90_many(jobs)`` compiles a list of ``dict(kernel=..., signature=..., constexprs=...,
 num_warps=..., num_stages=..., divisible_by_16=...)`` in one subprocess (one import of torch/triton instead of many).
+A job may add ``arch=80`` (or 86, 89) to compile for that GPU instead of sm_90 (shared-memory
+checks of pre-Hopper configs; no HGMMA there).
 """
 
 from __future__ import annotations
@@ -277,7 +279,9 @@ def _wgmma_operands(ttgir: str) -> List[Dict[str, Any]]:
     return found
 
 
-def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16=()) -> Dict[str, Any]:
+def _compile_inprocess(
+    kernel, signature, constexprs, num_warps, num_stages, divisible_by_16=(), arch=90
+) -> Dict[str, Any]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -298,7 +302,7 @@ def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages, div
     src = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(
         src,
-        target=GPUTarget("cuda", 90, 32),
+        target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps, "num_stages": num_stages, "num_ctas": 1},
     )
     cubin = compiled.asm["cubin"]
@@ -306,7 +310,7 @@ def _compile_inprocess(kernel, signature, constexprs, num_warps, num_stages, div
     triton_shared = int(getattr(compiled.metadata, "shared", 0) or 0)
     usage = info["usage"]
     local = usage["LOCAL"] + usage["STACK"]
-    warnings = _ptxas_warnings(compiled.asm["ptx"])
+    warnings = _ptxas_warnings(compiled.asm["ptx"], "sm_90a" if arch == 90 else f"sm_{arch}")
     operands = _wgmma_operands(compiled.asm["ttgir"])
     buffer_issues = [
         f"async wgmma {o['dot']} operand {o['operand']} {o['shape']}: {o['buffers']} shared-memory buffer(s) "
@@ -351,6 +355,7 @@ def _run_subprocess(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 "num_warps": int(job["num_warps"]),
                 "num_stages": int(job["num_stages"]),
                 "divisible_by_16": list(job.get("divisible_by_16") or ()),
+                "arch": int(job.get("arch", 90)),
             }
         )
     env = dict(os.environ)
@@ -398,7 +403,8 @@ def _subprocess_main():
             kernel = getattr(mod, job["name"])
             results.append(
                 _compile_inprocess(
-                    kernel, job["signature"], job["constexprs"], job["num_warps"], job["num_stages"], job["divisible_by_16"]
+                    kernel, job["signature"], job["constexprs"], job["num_warps"], job["num_stages"], job["divisible_by_16"],
+                    job["arch"],
                 )
             )
         except Exception:  # report per job; the parent raises with the traceback
@@ -432,7 +438,7 @@ def compile_sm90_many(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [
         _compile_inprocess(
             j["kernel"], j["signature"], j.get("constexprs") or {}, j["num_warps"], j["num_stages"],
-            j.get("divisible_by_16") or (),
+            j.get("divisible_by_16") or (), int(j.get("arch", 90)),
         )
         for j in jobs
     ]

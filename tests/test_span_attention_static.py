@@ -10,7 +10,8 @@ no local loads/stores (spills) inside loop bodies (spills outside the loops are 
 no wgmma serialisation warning from ptxas (C7515-type); at least ``num_stages`` shared-memory buffers
 behind every pipelined async-wgmma operand (one buffer read by a pending wgmma while cp.async
 refills it is Triton issue 6691's race); shared memory within the H100's 227 KB; HGMMA in the SASS.
-fp32 configs (IEEE dots, tests only) must compile within 227 KB at every head dim.
+fp32 configs (IEEE dots, tests only) must compile within 227 KB at every head dim; the pre-Hopper
+tables, compiled for sm_80, within 99 KB (sm_86/sm_89 per-block limit).
 ``test_report_hgmma_shapes`` prints the HGMMA shapes, registers and buffers of every config (-s).
 Cold run: a few minutes on 2 cores (Triton caches compiled kernels, later runs are fast).
 """
@@ -103,10 +104,19 @@ def _jobs():
         for config in K.FP32_CONFIGS[kind][head_dim]:
             jobs.append(make_job(kind, "fp32", head_dim, config, precision="ieee"))
             ids.append(f"fp32only-{kind}-d{head_dim}-m{config[0]}n{config[1]}w{config[2]}s{config[3]}")
+    # Pre-Hopper tables, compiled for sm_80 (mma.sync): they must fit the smallest shared memory of
+    # the GPUs they serve (sm_86/sm_89: 99 KB per block; sm_80: 163 KB).
+    for kind, head_dim in itertools.product(KERNELS, HEAD_DIMS):
+        for config in K.HALF_CONFIGS_OTHER[kind][head_dim]:
+            job = make_job(kind, "bf16", head_dim, config)
+            job["arch"] = 80
+            jobs.append(job)
+            ids.append(f"sm80only-{kind}-d{head_dim}-m{config[0]}n{config[1]}w{config[2]}s{config[3]}")
     return jobs, ids
 
 
 JOBS, JOB_IDS = _jobs()
+SM86_SHARED_LIMIT = 99 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +138,7 @@ def test_config_tables_cover_every_head_dim_and_dtype():
             assert K.pinned_config(kind, "fp32", head_dim, 90) == K.FP32_CONFIGS[kind][head_dim][0]
 
 
-@pytest.mark.parametrize("job_id", [j for j in JOB_IDS if not j.startswith("fp32only-")])
+@pytest.mark.parametrize("job_id", [j for j in JOB_IDS if not j.startswith(("fp32only-", "sm80only-"))])
 def test_compiles_for_sm90_under_the_static_rules(compiled, job_id):
     res = compiled[job_id]
     assert 0 < res["registers"] <= 255, res
@@ -144,6 +154,12 @@ def test_fp32_ieee_configs_compile_within_shared_memory(compiled, job_id):
     # fp32 inputs (used by tests on a GPU) take IEEE fp32 dots: no wgmma; they must compile and fit.
     assert compiled[job_id]["registers"] > 0
     assert compiled[job_id]["shared_total"] <= H100_SHARED_LIMIT, compiled[job_id]["shared_total"]
+
+
+@pytest.mark.parametrize("job_id", [j for j in JOB_IDS if j.startswith("sm80only-")])
+def test_pre_hopper_configs_compile_within_shared_memory(compiled, job_id):
+    assert compiled[job_id]["registers"] > 0
+    assert compiled[job_id]["shared_total"] <= SM86_SHARED_LIMIT, compiled[job_id]["shared_total"]
 
 
 def test_report_hgmma_shapes(compiled):
