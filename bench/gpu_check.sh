@@ -4,7 +4,7 @@
 # Works on a bare GPU machine (torch 2.11, triton 3.6, numpy 2.5, transformers 5.17, no network):
 # nothing is installed; the package is used from this checkout through PYTHONPATH. Budget: < 5 min.
 # Writes to $OUT: gpu_check.log, env.json, the benchmark JSON files, and results.tgz (JSON + PNG).
-# Stage limits add up to 530 s in the worst case (cold Triton cache, every autotune config tried);
+# Stage limits add up to 560 s in the worst case (cold Triton cache, every autotune config tried);
 # give the device call a timeout of about 590 s. STAGES="tests attention" (a subset of
 # "tests attention modality layer") runs fewer stages, e.g. for a rerun of what timed out.
 set -uo pipefail
@@ -49,7 +49,7 @@ if want tests; then
     # tile config (FORCE_CONFIG), bitwise-equal outputs and gradients from two fresh processes
     # (test_bitwise_equal_across_processes: the pinned configs make the backward deterministic
     # across processes), a non-current device when two GPUs exist, CUDA-graph capture.
-    run 150 "CUDA correctness tests" python -m pytest -q -p no:cacheprovider \
+    run 180 "CUDA correctness tests" python -m pytest -q -p no:cacheprovider \
       --junitxml="$OUT/work/junit.xml" \
       tests/test_span_attention_triton.py tests/test_modality_linear_triton.py tests/test_reference_ops.py \
       tests/test_nn.py tests/test_integration_transformers.py
