@@ -186,6 +186,6 @@ def test_malformed_conversations_are_skipped_not_a_crash(tok):
            {"id": "turn", "conversations": ["what colour ?"]}]
     ds = SafeDataset(bad, proc, on_bad="skip")
     assert [ds[i] for i in range(len(bad))] == [None, None, None]
-    assert dict(ds.skipped) == {"other": 3}
+    assert dict(ds.skipped) == {"malformed": 3}
     with pytest.raises(BadSample, match="speaker.*malformed"):
         SafeDataset(bad, proc, on_bad="error")[0]

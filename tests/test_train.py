@@ -44,8 +44,9 @@ def test_resume_gives_the_same_next_step_loss(tok, tmp_path):
     resumed = train(build_tiny(tok, SIZE, seed=123), ds,
                     _cfg(tmp_path / "b", grad_accum=2, resume=str(tmp_path / "a" / "checkpoint-2")), pad_token_id=0)
     r_losses = [h["loss"] for h in resumed["history"]]
-    assert [h["step"] for h in resumed["history"]] == [3, 4]
-    assert r_losses == pytest.approx(losses[2:], rel=1e-5, abs=1e-6)
+    # the history (and so first_loss and loss.png) covers the whole run: steps 1-2 come from the checkpoint
+    assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
+    assert r_losses == pytest.approx(losses, rel=1e-5, abs=1e-6)
     assert losses[-1] < losses[0]
 
 
@@ -53,7 +54,8 @@ def test_resume_auto_picks_latest(tok, tmp_path):
     ds = _dataset(tok, 24)
     train(build_tiny(tok, SIZE), ds, _cfg(tmp_path, max_steps=2), pad_token_id=0)
     out = train(build_tiny(tok, SIZE), ds, _cfg(tmp_path, max_steps=3, resume="auto"), pad_token_id=0)
-    assert [h["step"] for h in out["history"]] == [3]
+    assert [h["step"] for h in out["history"]] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3]
 
 
 def test_packed_training_equals_padded(tok, tmp_path):
@@ -77,7 +79,7 @@ def test_bad_data_is_skipped_and_a_crash_keeps_progress(tok, tmp_path):
     bad = [{"id": "nofile", "image": "/does/not/exist.png", "conversations": good[0]["conversations"]}]
     out = train(build_tiny(tok, SIZE), _dataset(tok, records=good + bad), _cfg(tmp_path / "skip", max_steps=4),
                 pad_token_id=0)
-    assert out["step"] == 4 and out["skipped"].get("bad_sample", 0) >= 1
+    assert out["step"] == 4 and out["skipped"].get("missing_image", 0) >= 1
 
     class Exploding(SafeDataset):
         def __getitem__(self, i):
