@@ -132,18 +132,36 @@ def _torchrun(args, out):
     return json.load(open(out / "log.json"))
 
 
+def _text_jsonl(path):
+    """Text-only records whose answers have 2 to 9 target tokens, plus two bad lines."""
+    answers = ["red", "a big red circle on the left .", "two", "a small blue square .", "circle",
+               "a green triangle in the middle and a red square .", "left", "yellow"]
+    lines = [json.dumps({"id": i, "conversations": [{"from": "human", "value": "describe the image ."},
+                                                    {"from": "gpt", "value": answers[i % len(answers)]}]})
+             for i in range(14)]
+    lines.insert(3, '{"id": "broken", ')
+    lines.insert(9, json.dumps({"id": "no_answer", "conversations": [{"from": "human", "value": "what ?"}, {"from": "gpt"}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_gloo(tmp_path, mode):
-    """torchrun with 2 CPU processes (gloo): same losses as one process on the same global batch."""
+    """torchrun with 2 CPU processes (gloo): the same step losses as one process on the same global batch
+    (the loss is token-weighted over the global batch; answers here differ in length, so a mean of
+    per-rank means would differ), and the same skip counts (summed over ranks)."""
     from llavit_kernels.train.__main__ import main
 
-    dist = _torchrun(["--parallel", mode], tmp_path / mode)
-    assert dist["parallel"] == mode and dist["step"] == 2
-    main(["train", "--tiny", "--stage", "2", "--max-steps", "2", "--batch-size", "4", "--num-samples", "16",
-          "--no-progress", "--output-dir", str(tmp_path / "single")])
+    data = _text_jsonl(tmp_path / "text.jsonl")
+    extra = ["--data", data, "--max-steps", "4"]  # 16 records, 4 per step: each read once
+    dist = _torchrun(["--parallel", mode] + extra, tmp_path / mode)
+    assert dist["parallel"] == mode and dist["step"] == 4
+    main(["train", "--tiny", "--stage", "2", "--max-steps", "4", "--batch-size", "4", "--no-progress",
+          "--data", data, "--output-dir", str(tmp_path / "single")])
     single = json.load(open(tmp_path / "single" / "log.json"))
-    assert dist["first_loss"] == pytest.approx(single["first_loss"], rel=1e-3)
-    assert dist["final_loss"] == pytest.approx(single["final_loss"], rel=1e-3)
+    losses = {k: [json.loads(line)["loss"] for line in open(tmp_path / k / "log.jsonl")] for k in (mode, "single")}
+    assert losses[mode] == pytest.approx(losses["single"], abs=2e-5)
+    assert dist["skipped_by_reason"] == single["skipped_by_reason"] and single["skipped"] == {"invalid_json": 1, "empty_answer": 1}
     # the checkpoint written from the sharded / replicated model loads as a plain model
     from llavit_kernels.models import LlavitForConditionalGeneration
 

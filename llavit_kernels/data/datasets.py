@@ -270,6 +270,8 @@ class SampleProcessor:
         except (ValueError, TypeError, AttributeError) as e:  # a malformed record, not a pipeline error
             raise BadSample(f"malformed conversations: {e}", "malformed") from e
         for k, m in enumerate(messages):
+            if m["role"] == "assistant" and m["content"] is None:
+                raise BadSample(f"empty answer in turn {k} (a missing 'value' / caption)", "empty_answer")
             if not isinstance(m["content"], str):
                 raise BadSample(f"malformed conversations: turn {k}'s value is {_type_name(m['content'])}, not a "
                                 "string", "malformed")
