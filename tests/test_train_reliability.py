@@ -36,7 +36,7 @@ def _ds(tok, records):
 
 def _cfg(out, **kw):
     base = dict(output_dir=str(out), stage=2, max_steps=4, batch_size=4, lr=3e-3, warmup_steps=1, progress=False,
-                plot=False)
+                plot=False, overwrite=False)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -153,6 +153,11 @@ def test_non_empty_output_dir_needs_resume_or_overwrite(tok, tmp_path):
     # a later --resume auto continues THIS run, not the removed one
     out = train(build_tiny(tok, SIZE), ds, _cfg(tmp_path, max_steps=2, resume="auto"), pad_token_id=0)
     assert [h["step"] for h in out["history"]] == [1, 2]
+    # resuming another directory's checkpoint into this non-empty one would mix two runs
+    train(build_tiny(tok, SIZE), ds, _cfg(tmp_path / "other", max_steps=1), pad_token_id=0)
+    with pytest.raises(FileExistsError, match="another directory"):
+        train(build_tiny(tok, SIZE), ds, _cfg(tmp_path, max_steps=2, resume=str(tmp_path / "other" / "checkpoint-1")),
+              pad_token_id=0)
 
 
 def test_resume_latest_auto_and_path(tok, tmp_path):
@@ -192,9 +197,25 @@ def test_cli_resume_checks(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(common + ["--max-steps", "2", "--resume", "latest", "--no-bidirectional"])
     assert e.value.code == 2 and "bidirectional_image" in capsys.readouterr().err
+    first = json.load(open(tmp_path / "log.json"))
     main(common + ["--max-steps", "2", "--resume", "latest"])
     log = json.load(open(tmp_path / "log.json"))
-    assert log["step"] == 2
+    assert log["step"] == 2 and log["first_loss"] == first["first_loss"]  # the whole run's, not the resumed part's
+
+
+def test_log_is_trimmed_to_the_resumed_step(tok, tmp_path):
+    """kill -9 after step 4 was logged but before checkpoint-4 was complete: the resume from
+    checkpoint-2 must not leave steps 3 and 4 in log.jsonl twice."""
+    import shutil
+
+    ds = _ds(tok, synthetic_samples(8, 1, 2, SIZE.image_size))
+    a = train(build_tiny(tok, SIZE), ds, _cfg(tmp_path, max_steps=4, save_every=2), pad_token_id=0)
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    b = train(build_tiny(tok, SIZE), ds, _cfg(tmp_path, max_steps=4, resume="auto", plot=True), pad_token_id=0)
+    lines = _strict_lines(tmp_path / "log.jsonl")
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert [r["loss"] for r in lines] == [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert os.path.exists(tmp_path / "loss.png")
 
 
 # ------------------------------------------------------------------------------------ 3. data position
@@ -204,13 +225,13 @@ def test_all_bad_micro_batch_keeps_step_count_and_exact_resume(tok, tmp_path):
     good = synthetic_samples(8, 1, 2, SIZE.image_size)
     bad = [{"id": f"bad{i}", "image": "/does/not/exist.png", "conversations": good[0]["conversations"]} for i in range(4)]
     ds = _ds(tok, good + bad)
-    straight = train(build_tiny(tok, SIZE), ds, _cfg(tmp_path / "a", batch_size=1, max_steps=20, save_every=5),
+    straight = train(build_tiny(tok, SIZE), ds, _cfg(tmp_path / "a", batch_size=1, max_steps=20, save_every=10),
                      pad_token_id=0)
     assert straight["step"] == 20 and straight["samples"] > 20
     skipped_straight = straight["skipped"]["missing_image"]
     assert skipped_straight == straight["samples"] - 20
     resumed = train(build_tiny(tok, SIZE, seed=9), ds, _cfg(tmp_path / "b", batch_size=1, max_steps=20,
-                                                            resume=str(tmp_path / "a" / "checkpoint-5")), pad_token_id=0)
+                                                            resume=str(tmp_path / "a" / "checkpoint-10")), pad_token_id=0)
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
     assert resumed["skipped"] == straight["skipped"] and resumed["samples"] == straight["samples"]
 

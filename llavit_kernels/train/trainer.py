@@ -64,7 +64,10 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     # reliability (issue 14)
-    overwrite: bool = False  # a non-empty output_dir without resume is refused unless True
+    # A non-empty output_dir without resume: False refuses it (the CLI's default, --overwrite sets True);
+    # True (the library default, e.g. the demo re-run into its own dirs) removes the earlier run's
+    # checkpoints and logs first, so two runs never mix.
+    overwrite: bool = True
     save_total_limit: int = 0  # keep at most this many checkpoint-N dirs (oldest deleted); 0: all
     max_bad_steps: int = 0  # steps with a non-finite loss / grad norm skipped before stopping; 0: stop at the first
     data_id: Optional[str] = None  # what the data is (file, format, ...): resume refuses a different one
@@ -592,7 +595,12 @@ def prepare_output_dir(cfg: "TrainConfig", need_bytes: int = 0):
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"output_dir {out}: cannot create it ({e.strerror or e})") from None
-    entries = sorted(e for e in os.listdir(out) if not e.startswith(f".write-test-"))
+    entries = sorted(e for e in os.listdir(out) if not e.startswith(".write-test-"))
+    explicit = cfg.resume not in (None, "", "auto", "latest")
+    if entries and explicit and not cfg.overwrite and os.path.isdir(cfg.resume) and not os.path.samefile(
+            os.path.dirname(os.path.abspath(cfg.resume)), out):
+        raise FileExistsError(f"output_dir {out} is not empty and --resume {cfg.resume} is a checkpoint of another "
+                              "directory: resume into an empty --output-dir, or pass --overwrite")
     if entries and not cfg.resume:
         if not cfg.overwrite:
             shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
