@@ -298,13 +298,16 @@ def _wait_for_log(path, lines, proc, timeout=240):
 
 
 def test_cli_sigterm_saves_and_exits_nonzero(tmp_path):
+    """SIGTERM to the whole process group (as a scheduler sends it), with a DataLoader worker: the
+    worker leaves it to the main process, which checkpoints at the step boundary and exits 143."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "llavit_kernels.train", "train", "--tiny", "--stage", "2", "--max-steps", "100000",
-           "--batch-size", "2", "--num-samples", "16", "--no-progress", "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "--batch-size", "2", "--num-samples", "16", "--no-progress", "--num-workers", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         _wait_for_log(out / "log.jsonl", 2, proc)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -709,6 +709,13 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
+def _ignore_stop_signals(worker_id: int):
+    """DataLoader workers leave SIGTERM / SIGINT (a Ctrl-C reaches the whole process group) to the
+    main process, which stops at the step boundary and then shuts the workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _sum_counts(counts: Counter, world: int) -> Counter:
     """Sum per-reason counts over ranks (a collective: every rank calls it)."""
     if world == 1:
@@ -817,7 +824,8 @@ def train(model, dataset, cfg: TrainConfig, pad_token_id: int = 0, device=None, 
     gstride = cfg.batch_size * world
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, state["samples"], None, rank, world)
     loader = DataLoader(_Tagged(dataset), batch_sampler=sampler, num_workers=cfg.num_workers,
-                        collate_fn=_Collate(cfg.packing, pad_token_id))
+                        collate_fn=_Collate(cfg.packing, pad_token_id),
+                        worker_init_fn=_ignore_stop_signals if cfg.num_workers else None)
     use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     base_skipped = Counter(state.get("skipped", {}))  # summed over ranks, up to the checkpoint
