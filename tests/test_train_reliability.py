@@ -342,9 +342,11 @@ def _alive(pid):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_workers_stop_and_checkpoint_when_torchrun_is_killed(tmp_path):
+@pytest.mark.parametrize("how", ["kill -9 launcher", "SIGTERM one worker"])
+def test_workers_stop_and_checkpoint_when_torchrun_is_killed(tmp_path, how):
     """kill -9 of the launcher: torchrun cannot forward anything, so without help its workers keep
-    training. With PR_SET_PDEATHSIG they get SIGTERM, checkpoint together at a step boundary and exit."""
+    training. With PR_SET_PDEATHSIG they get SIGTERM, checkpoint together at a step boundary and exit.
+    SIGTERM to ONE worker: the ranks agree at the step boundary (one all-reduce), so both save."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "llavit_kernels.train", "train", "--tiny", "--stage", "2", "--max-steps", "100000",
@@ -355,8 +357,12 @@ def test_workers_stop_and_checkpoint_when_torchrun_is_killed(tmp_path):
         _wait_for_log(out / "log.jsonl", 2, proc)
         workers = _children(proc.pid)
         assert len(workers) == 2, workers
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        if how == "kill -9 launcher":
+            os.kill(proc.pid, signal.SIGKILL)
+        else:
+            os.kill(workers[1], signal.SIGTERM)
+        proc.wait(timeout=150)
+        assert proc.returncode != 0
         t0 = time.time()
         while any(_alive(w) for w in workers) and time.time() - t0 < 120:
             time.sleep(0.2)
@@ -369,6 +375,7 @@ def test_workers_stop_and_checkpoint_when_torchrun_is_killed(tmp_path):
             proc.kill()
     ckpt = latest_checkpoint(str(out))
     assert ckpt is not None and _finite_checkpoint(ckpt)
+    assert int(ckpt.rsplit("-", 1)[1]) >= 2  # the steps already logged are in it
     assert not [d for d in os.listdir(out) if d.endswith((".tmp", ".old"))]
 
 
