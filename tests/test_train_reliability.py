@@ -236,6 +236,13 @@ def test_all_bad_micro_batch_keeps_step_count_and_exact_resume(tok, tmp_path):
     assert resumed["skipped"] == straight["skipped"] and resumed["samples"] == straight["samples"]
 
 
+def test_data_where_every_record_is_bad_stops_instead_of_looping(tok, tmp_path):
+    good = synthetic_samples(4, 1, 2, SIZE.image_size)
+    bad = [{"id": i, "image": "/nope.png", "conversations": good[0]["conversations"]} for i in range(6)]
+    with pytest.raises(RuntimeError, match=r"no usable micro-batch.*'missing_image': \d+"):
+        train(build_tiny(tok, SIZE), _ds(tok, bad), _cfg(tmp_path, max_steps=2, batch_size=2), pad_token_id=0)
+
+
 def test_sampler_position_is_in_samples():
     a = list(ResumableBatchSampler(10, 3, 0, 0, 30))
     flat = [i for b in a for i in b]

@@ -853,6 +853,7 @@ def train(model, dataset, cfg: TrainConfig, pad_token_id: int = 0, device=None, 
         return path
 
     it = iter(loader)
+    unusable = 0  # samples consumed since the last usable micro-batch
     t0 = time.perf_counter()
     with _StopSignals() as stop:
         try:
@@ -865,7 +866,15 @@ def train(model, dataset, cfg: TrainConfig, pad_token_id: int = 0, device=None, 
                     local_skipped.update(reasons)
                     if not _batch_on_every_rank(batch, world, device):
                         log.warning("micro-batch with no usable sample (on this or another rank) skipped")
+                        unusable += gstride
+                        if unusable > len(dataset) + gstride:  # a whole pass without one usable micro-batch
+                            raise RuntimeError(
+                                f"no usable micro-batch in the last {unusable} samples (more than one pass over "
+                                f"the {len(dataset)} records): every record is being skipped on some rank "
+                                f"(this rank's skips by reason: {dict(local_skipped)}); check the data, "
+                                "--image-root, --max-length and the tokenizer")
                         continue
+                    unusable = 0
                     pending.append(batch)
                 n_local = sum(num_target_tokens(b) for b in pending)
                 flags = torch.tensor([n_local, stop.signum], dtype=torch.float64, device=device)
