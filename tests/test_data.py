@@ -186,6 +186,102 @@ def test_malformed_conversations_are_skipped_not_a_crash(tok):
            {"id": "turn", "conversations": ["what colour ?"]}]
     ds = SafeDataset(bad, proc, on_bad="skip")
     assert [ds[i] for i in range(len(bad))] == [None, None, None]
-    assert dict(ds.skipped) == {"other": 3}
+    assert dict(ds.skipped) == {"malformed": 3}
     with pytest.raises(BadSample, match="speaker.*malformed"):
         SafeDataset(bad, proc, on_bad="error")[0]
+
+
+# ------------------------------------------------------------------------------------ issue 14: per-record failures
+def _write_bad_jsonl(path):
+    ok = {"id": "ok", "conversations": [{"from": "human", "value": "what colour ?"}, {"from": "gpt", "value": "red"}]}
+    lines = [
+        json.dumps(ok).encode(),                                   # 1 good
+        b'{"id": "latin1", "conversations": "caf\xe9"}',           # 2 not UTF-8
+        b'{"id": "broken", ',                                      # 3 invalid JSON
+        b"",                                                       # 4 blank: ignored
+        json.dumps({"id": "int_image", "image": 5, "conversations": ok["conversations"]}).encode(),   # 5
+        b"[1, 2]",                                                 # 6 not an object
+        json.dumps({"id": "no_value", "conversations": [{"from": "human", "value": "what ?"},
+                                                        {"from": "gpt"}]}).encode(),                  # 7
+        json.dumps({"id": "turn_str", "conversations": "hello"}).encode(),                           # 8
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def test_every_bad_jsonl_record_is_a_counted_skip_naming_file_and_line(tok, tmp_path, caplog):
+    path = tmp_path / "d.jsonl"
+    _write_bad_jsonl(path)
+    with caplog.at_level(logging.WARNING, logger="llavit.data"):
+        records = load_llava_json(str(path), on_bad="skip")
+        ds = SafeDataset(records, SampleProcessor(tok, 16, N_IMG, 64), on_bad="skip")
+        items = [ds[i] for i in range(len(ds))]
+    assert [x is not None for x in items] == [True] + [False] * 6
+    assert dict(ds.skipped) == {"not_utf8": 1, "invalid_json": 1, "malformed": 2, "not_an_object": 1,
+                                "empty_answer": 1}
+    for line in (2, 3, 5, 6, 7, 8):
+        assert f"d.jsonl:{line}" in caplog.text, line
+    assert "d.jsonl:3: invalid JSON at column" in caplog.text
+
+
+@pytest.mark.parametrize("line,match", [
+    (2, r"d.jsonl:2: not UTF-8"), (3, r"d.jsonl:3: invalid JSON"), (6, r"d.jsonl:6: a sample must be a JSON object"),
+])
+def test_bad_jsonl_lines_are_errors_under_on_bad_error(tok, tmp_path, line, match):
+    path = tmp_path / "d.jsonl"
+    _write_bad_jsonl(path)
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join(lines[:1] + [lines[line - 1]]).replace(b"\n", b"\n" + b"\n" * (line - 2), 1))
+    with pytest.raises(BadSample, match=match):
+        load_llava_json(str(path), on_bad="error")
+
+
+@pytest.mark.parametrize("rid,match", [("int_image", r"d.jsonl:5.*'image' must be a path string.*got int"),
+                                       ("no_value", r"d.jsonl:7.*empty answer"),
+                                       ("turn_str", r"d.jsonl:8.*malformed conversations")])
+def test_bad_record_fields_are_errors_naming_file_and_line(tok, tmp_path, rid, match):
+    path = tmp_path / "d.jsonl"
+    _write_bad_jsonl(path)
+    records = load_llava_json(str(path), on_bad="skip")
+    i = next(k for k, r in enumerate(records) if r.get("id") == rid)
+    with pytest.raises(BadSample, match=match):
+        SafeDataset(records, SampleProcessor(tok, 16, N_IMG, 64), on_bad="error")[i]
+
+
+def test_whole_json_file_errors_name_file_line_and_column(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text('[\n  {"id": 1, "conversations": []},\n  {"id": 2,, }\n]')
+    with pytest.raises(ValueError, match=r"d.json: invalid JSON at line 3 column"):
+        load_llava_json(str(p))
+    p.write_bytes(b'[{"id": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=r"d.json: not UTF-8"):
+        load_llava_json(str(p))
+    p.write_text('{"id": 1}')
+    with pytest.raises(ValueError, match=r"d.json: expected a JSON list"):
+        load_llava_json(str(p))
+    p.write_text('[\n{"id": 1},\n7\n]')
+    recs = load_llava_json(str(p), on_bad="skip")
+    assert recs[0]["_source"].endswith("d.json:2") and recs[1]["_bad"] == "not_an_object"
+    with pytest.raises(BadSample, match=r"d.json:3: a sample must be a JSON object, got int"):
+        load_llava_json(str(p))
+
+
+def test_empty_or_missing_captions_are_skipped(tok, llava_dir):
+    p = llava_dir / "caps_bad.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"image": "a.png", "caption": "a red square ."}, {"image": "a.png"}, {"image": "a.png", "caption": "  "},
+        {"image": "a.png", "caption": 3}]))
+    ds = SafeDataset(load_caption_json(str(p)), _proc(tok, llava_dir), on_bad="skip")
+    assert [ds[i] is not None for i in range(4)] == [True, False, False, False]
+    assert dict(ds.skipped) == {"empty_answer": 2, "malformed": 1}
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((30, 40), 32768, np.uint16)).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+        x = clip_preprocess(im, 16)
+    grey = (128 / 255 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    torch.testing.assert_close(x[:, 5, 5], grey, atol=0.02, rtol=0)

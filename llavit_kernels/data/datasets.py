@@ -8,6 +8,9 @@ the same loss. Each ``<image>`` in the text becomes ``num_image_tokens`` image-t
 Bad samples (missing or unreadable image file, ``<image>`` count not matching the images, longer
 than ``max_length``, no answer tokens) raise :class:`BadSample`; :class:`SafeDataset` turns that
 into a logged, counted skip (``on_bad="skip"``) or a clear error (``on_bad="error"``).
+Every per-record failure is one of these: a line of a JSONL file that is not UTF-8, not JSON or
+not an object, a field of the wrong type, an empty answer or caption, an image that cannot be
+decoded. Each names the file and line it came from (records carry ``"_source": "file:line"``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,29 @@ CAPTION_PROMPT = "describe the image ."
 
 
 class BadSample(ValueError):
-    pass
+    """One unusable record; ``reason`` is the short key it is counted under."""
+
+    def __init__(self, message: str, reason: Optional[str] = None):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _pil_to_rgb(image):
+    """RGB for any PIL mode; 16-bit and 32-bit integer modes are scaled (``convert`` would clip them to 255)."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        import numpy as np
+
+        a = np.asarray(image).astype(np.float64)
+        a = np.clip(np.rint(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if image.mode == "F":  # float images: taken as values in [0, 1]
+        import numpy as np
+
+        a = np.clip(np.rint(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    return image.convert("RGB")
 
 
 # ------------------------------------------------------------------------------------ images
@@ -48,7 +73,7 @@ def clip_preprocess(image, size: int) -> torch.Tensor:
         else:
             x = image.float() / 255.0
             return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
-    image = image.convert("RGB")
+    image = _pil_to_rgb(image)
     w, h = image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -60,27 +85,131 @@ def clip_preprocess(image, size: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ raw records
-def load_llava_json(path: str) -> List[dict]:
-    """LLaVA format: a JSON list of ``{"image": rel_path (optional), "conversations": [...]}``."""
-    with open(path) as f:
-        records = json.load(f) if path.endswith(".json") else [json.loads(line) for line in f if line.strip()]
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of samples, got {type(records).__name__}")
+def _bad_record(path: str, where: str, reason: str, message: str, on_bad: str) -> dict:
+    if on_bad == "error":
+        raise BadSample(f"{path}:{where}: {message}", reason)
+    log.warning("%s:%s: %s (skipped)", path, where, message)
+    return {"_bad": reason, "_error": message, "_source": f"{path}:{where}"}
+
+
+def _json_list_items(text: str, path: str):
+    """(line, value) of each element of a top-level JSON list, with line numbers (``json.load`` has none)."""
+    dec = json.JSONDecoder()
+    ws = " \t\r\n"
+
+    def line_of(pos):
+        return text.count("\n", 0, pos) + 1
+
+    def fail(e: json.JSONDecodeError):
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+    i = 0
+    while i < len(text) and text[i] in ws:
+        i += 1
+    if i >= len(text) or text[i] != "[":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            fail(e)
+        raise ValueError(f"{path}: expected a JSON list of samples (or one JSON object per line in a .jsonl "
+                         f"file), got {type(value).__name__}")
+    i += 1
+    items = []
+    while True:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if i < len(text) and text[i] == "]" and not items:
+            return items
+        try:
+            value, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            fail(e)
+        items.append((line_of(i), value))
+        i = end
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if i < len(text) and text[i] == ",":
+            i += 1
+            continue
+        if i < len(text) and text[i] == "]":
+            rest = text[i + 1:].strip()
+            if rest:
+                raise ValueError(f"{path}: invalid JSON at line {line_of(i + 1 + text[i + 1:].index(rest[0]))}: "
+                                 "extra data after the closing ']'")
+            return items
+        raise ValueError(f"{path}: invalid JSON at line {line_of(i)}: expected ',' or ']' after a list element")
+
+
+def load_llava_json(path: str, on_bad: str = "error") -> List[dict]:
+    """LLaVA format: a JSON list, or JSONL (one object per line), of ``{"image": rel_path (optional), "conversations": [...]}``.
+
+    Every record gets ``"_source": "file:line"``. A JSONL line that is not UTF-8, not JSON or not an
+    object raises :class:`BadSample` naming file and line (``on_bad="error"``), or becomes a
+    placeholder record that :class:`SafeDataset` counts as a skip (``on_bad="skip"``). A ``.json``
+    file must be valid as a whole (UTF-8, JSON, a list); its elements that are not objects are
+    treated like bad lines.
+    """
+    if on_bad not in ("skip", "error"):
+        raise ValueError(f"on_bad: expected 'skip' or 'error', got {on_bad!r}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the data file ({e.strerror or e})") from e
+    records: List[dict] = []
+    if path.endswith(".json"):
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"{path}: not UTF-8 text (line {line}, byte {e.start}: {e.reason})") from None
+        for line, value in _json_list_items(text, path):
+            if isinstance(value, dict):
+                records.append(dict(value, _source=f"{path}:{line}"))
+            else:
+                records.append(_bad_record(path, str(line), "not_an_object",
+                                           f"a sample must be a JSON object, got {type(value).__name__}", on_bad))
+        return records
+    for lineno, raw_line in enumerate(raw.split(b"\n"), start=1):
+        if lineno == 1 and raw_line.startswith(b"\xef\xbb\xbf"):
+            raw_line = raw_line[3:]
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            records.append(_bad_record(path, str(lineno), "not_utf8", f"not UTF-8 (byte {e.start}: {e.reason})", on_bad))
+            continue
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            records.append(_bad_record(path, str(lineno), "invalid_json", f"invalid JSON at column {e.colno}: {e.msg}",
+                                       on_bad))
+            continue
+        if not isinstance(value, dict):
+            records.append(_bad_record(path, str(lineno), "not_an_object",
+                                       f"a sample must be a JSON object, got {type(value).__name__}", on_bad))
+            continue
+        records.append(dict(value, _source=f"{path}:{lineno}"))
     return records
 
 
-def load_caption_json(path: str) -> List[dict]:
+def load_caption_json(path: str, on_bad: str = "error") -> List[dict]:
     """Caption format (PixMo-Cap style): JSON list or JSONL of ``{"image" | "image_path": p, "caption": str}``.
 
-    Converted to one-turn conversations ``<image>\\n{CAPTION_PROMPT}`` -> caption.
+    Converted to one-turn conversations ``<image>\\n{CAPTION_PROMPT}`` -> caption. A missing, empty
+    or non-string caption is left to :class:`SampleProcessor`, which rejects it (an empty answer
+    would train the model to emit only the end of turn).
     """
-    records = load_llava_json(path)
     out = []
-    for r in records:
+    for r in load_llava_json(path, on_bad):
+        if "_bad" in r:
+            out.append(r)
+            continue
         image = r.get("image", r.get("image_path"))
-        out.append({"id": r.get("id"), "image": image, "conversations": [
+        out.append({"id": r.get("id"), "image": image, "_source": r.get("_source"), "conversations": [
             {"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
-            {"from": "gpt", "value": r.get("caption", "")},
+            {"from": "gpt", "value": r.get("caption")},
         ]})
     return out
 
@@ -121,15 +250,33 @@ class SampleProcessor:
         return out
 
     def __call__(self, record) -> dict:
+        if not isinstance(record, dict):
+            raise BadSample(f"a sample must be a JSON object, got {type(record).__name__}", "not_an_object")
+        if "_bad" in record:  # a line the loader could not read (kept so that it is counted here)
+            raise BadSample(record.get("_error", "unreadable record"), record["_bad"])
         conversations = record.get("conversations")
         if not conversations:
-            raise BadSample("no conversations")
+            raise BadSample("no conversations", "malformed")
+        if not isinstance(conversations, list) or not all(isinstance(t, dict) for t in conversations):
+            raise BadSample("malformed conversations: expected a list of {'from', 'value'} objects, got "
+                            f"{type(conversations).__name__}", "malformed")
+        image = record.get("image")
+        if image is not None:
+            items = image if isinstance(image, list) else [image]
+            if not items or not all(isinstance(im, (str, torch.Tensor)) for im in items):
+                raise BadSample(f"'image' must be a path string or a list of them, got {_type_name(image)}", "malformed")
         try:
             messages = to_messages(conversations)
         except (ValueError, TypeError, AttributeError) as e:  # a malformed record, not a pipeline error
-            raise BadSample(f"malformed conversations: {e}") from e
-        if not all(isinstance(m["content"], str) for m in messages):
-            raise BadSample("malformed conversations: a turn's value is not a string")
+            raise BadSample(f"malformed conversations: {e}", "malformed") from e
+        for k, m in enumerate(messages):
+            if m["role"] == "assistant" and m["content"] is None:
+                raise BadSample(f"empty answer in turn {k} (a missing 'value' / caption)", "empty_answer")
+            if not isinstance(m["content"], str):
+                raise BadSample(f"malformed conversations: turn {k}'s value is {_type_name(m['content'])}, not a "
+                                "string", "malformed")
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise BadSample(f"empty answer in turn {k} (a missing or empty 'value' / caption)", "empty_answer")
         n_tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
         n_images = 0 if record.get("image") is None else (len(record["image"]) if isinstance(record["image"], list) else 1)
         if n_tags != n_images:
@@ -139,7 +286,7 @@ class SampleProcessor:
         if expanded_len > self.max_length:
             raise BadSample(f"{expanded_len} tokens (with image tokens) > max_length {self.max_length}")
         if not any(is_answer):
-            raise BadSample("no answer tokens to train on")
+            raise BadSample("no answer tokens to train on", "empty_answer")
         pixel_values = self.load_images(record)
         input_ids, targets = [], []
         for t, tok in enumerate(ids):
@@ -158,8 +305,27 @@ class SampleProcessor:
         return {"input_ids": input_ids_t, "labels": labels, "pixel_values": pv}
 
 
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def describe_record(records, i) -> str:
+    """``sample i (id=..., file:line)`` for messages."""
+    r = records[i]
+    if not isinstance(r, dict):
+        return f"sample {i}"
+    src = f", {r['_source']}" if r.get("_source") else ""
+    return f"sample {i} (id={r.get('id')!r}{src})"
+
+
 class SafeDataset(Dataset):
-    """Processes records lazily; bad ones are logged and counted (``on_bad="skip"``) or raise."""
+    """Processes records lazily; bad ones are logged and counted (``on_bad="skip"``) or raise.
+
+    ``load(i)`` returns ``(sample or None, reason or None)``, so a caller in another process (a
+    DataLoader worker) can carry the reason back; ``__getitem__`` returns the sample or None.
+    ``skipped`` counts the skips seen in THIS process only; the trainer sums the reasons it gets
+    back over workers and ranks.
+    """
 
     def __init__(self, records: Sequence[dict], processor: SampleProcessor, on_bad: str = "skip"):
         if on_bad not in ("skip", "error"):
@@ -172,19 +338,31 @@ class SafeDataset(Dataset):
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, i):
+    def load(self, i):
         try:
-            return self.processor(self.records[i])
+            try:
+                return self.processor(self.records[i]), None
+            except BadSample:
+                raise
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError, UnicodeError) as e:
+                # a record shaped in a way the checks above did not foresee: still one bad record
+                raise BadSample(f"malformed record ({type(e).__name__}: {e})", "malformed") from e
         except BadSample as e:
             if self.on_bad == "error":
-                raise BadSample(f"sample {i} (id={self.records[i].get('id')!r}): {e}") from e
-            self.skipped[_reason(e)] += 1
-            log.warning("skipping sample %d (id=%r): %s [skipped so far: %d]", i, self.records[i].get("id"), e,
+                raise BadSample(f"{describe_record(self.records, i)}: {e}", _reason(e)) from e
+            reason = _reason(e)
+            self.skipped[reason] += 1
+            log.warning("skipping %s: %s [skipped so far in this process: %d]", describe_record(self.records, i), e,
                         sum(self.skipped.values()))
-            return None
+            return None, reason
+
+    def __getitem__(self, i):
+        return self.load(i)[0]
 
 
 def _reason(e: Exception) -> str:
+    if getattr(e, "reason", None):
+        return e.reason
     msg = str(e)
     if "missing image" in msg:
         return "missing_image"

@@ -63,7 +63,14 @@ def _train_args(p: argparse.ArgumentParser):
     g.add_argument("--bf16", choices=["auto", "on", "off"], default=d.bf16)
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--save-every", type=int, default=d.save_every)
-    g.add_argument("--resume", help="checkpoint dir, or 'auto' for the latest in --output-dir")
+    g.add_argument("--resume", help="'auto' (the latest checkpoint in --output-dir, or a fresh start when there is "
+                                    "none), 'latest' (the latest; an error when there is none) or a checkpoint dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a non-empty --output-dir (removes its checkpoints and logs)")
+    g.add_argument("--save-total-limit", type=int, default=d.save_total_limit,
+                   help="keep only the newest N checkpoints (0: keep all)")
+    g.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
+                   help="skip up to N steps with a non-finite loss / grad norm before stopping (default 0: stop at once)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"], default=d.parallel)
     g.add_argument("--num-workers", type=int, default=d.num_workers)
@@ -99,6 +106,29 @@ def _word_tokenizer_for(model, checkpoint):
     return tokenizer
 
 
+def _fail(msg: str, code: int = 2):
+    """Exit with ``llavit-train: error: msg`` (no traceback) and status ``code``."""
+    print(f"llavit-train: error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _estimate_checkpoint_bytes(args) -> int:
+    """Before the model exists: weights on disk x 3 (weights + AdamW's two moments), a safe upper bound
+    for fp32 weights; the trainer checks the exact size again once the model is built."""
+    dirs = [d for d in (args.init_from, args.llm, args.vision) if d and os.path.isdir(d)]
+    total = 0
+    for d in dirs:
+        for name in os.listdir(d):
+            if name.endswith((".safetensors", ".bin")):
+                total += os.path.getsize(os.path.join(d, name))
+    return 3 * total
+
+
+def _data_id(args) -> str:
+    keys = ("data", "data_format", "max_length") + (("num_samples",) if args.data == "synthetic" else ("image_root",))
+    return json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True)
+
+
 def build_model_and_tokenizer(args):
     from ..data.synthetic import WORDS
     from ..data.tokenizer import WordTokenizer, image_token_id, load_tokenizer
@@ -107,6 +137,9 @@ def build_model_and_tokenizer(args):
 
     sw = _switches(args)
     if args.init_from:
+        from .trainer import check_checkpoint_files
+
+        check_checkpoint_files(args.init_from)  # names the file and what is wrong with it
         model = LlavitForConditionalGeneration.load(args.init_from, **sw)
         tok_dir = args.tokenizer or (os.path.join(args.init_from, "tokenizer") if os.path.isdir(os.path.join(args.init_from, "tokenizer")) else None)
         tokenizer = load_tokenizer(tok_dir) if tok_dir else _word_tokenizer_for(model, args.init_from)
@@ -137,46 +170,85 @@ def build_dataset(args, model, tokenizer, rank=0):
     if args.data == "synthetic":
         records = synthetic_samples(args.num_samples, args.seed + args.stage, args.stage, int(cfg.vision["image_size"]))
     elif args.data_format == "caption":
-        records = load_caption_json(args.data)
+        records = load_caption_json(args.data, on_bad=args.on_bad_data)
     else:
-        records = load_llava_json(args.data)
+        records = load_llava_json(args.data, on_bad=args.on_bad_data)
     if rank == 0:
         log.info("data: %d records from %s", len(records), args.data)
     return SafeDataset(records, proc, on_bad=args.on_bad_data)
 
 
-def cmd_train(args):
-    from .evaluate import evaluate_synthetic
-    from .trainer import TrainConfig, init_distributed, train
+def _config_from_args(args):
+    from .trainer import TrainConfig
 
-    rank, world, device = init_distributed()
-    model, tokenizer = build_model_and_tokenizer(args)
-    dataset = build_dataset(args, model, tokenizer, rank)
     cfg = TrainConfig(
         output_dir=args.output_dir, stage=args.stage, max_steps=args.max_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, trainable=args.trainable, warmup_steps=args.warmup_steps,
         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         packing=args.packing, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, save_every=args.save_every,
         resume=args.resume, seed=args.seed, parallel=args.parallel, num_workers=args.num_workers,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite=args.overwrite, save_total_limit=args.save_total_limit,
+        max_bad_steps=args.max_bad_steps, data_id=_data_id(args),
     )
-    summary = train(model, dataset, cfg, pad_token_id=model.config.pad_token_id, device=device)
-    if rank == 0:
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{summary['step']}")
-        tokenizer.save_pretrained(os.path.join(ckpt, "tokenizer"))
-        summary["checkpoint"] = ckpt
-        summary["skipped_by_reason"] = dict(dataset.skipped)
-        if args.eval_after and args.data == "synthetic":
-            summary["eval"] = eval_checkpoint(ckpt, num=200, seed=args.seed, device=device)
-        hist = summary.pop("history")
-        summary["first_loss"] = hist[0]["loss"] if hist else None
-        with open(os.path.join(args.output_dir, "log.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(json.dumps({k: summary[k] for k in ("step", "first_loss", "final_loss", "skipped", "checkpoint", "parallel")}))
-        if "eval" in summary:
-            print(f"held-out accuracy {100 * summary['eval']['accuracy']:.1f}%  per kind {summary['eval']['per_kind']}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    try:
+        cfg.validate()
+        for name in ("max_length", "num_samples"):
+            value = getattr(args, name)
+            if value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    except ValueError as e:
+        name, _, rest = str(e).partition(":")
+        _fail(f"--{name.replace('_', '-')}:{rest}" if name.isidentifier() else f"--{e}")
+    return cfg
+
+
+def cmd_train(args):
+    from ..data.datasets import BadSample
+    from .trainer import (CheckpointError, NonFiniteError, TrainingInterrupted, dumps_strict, init_distributed,
+                          prepare_output_dir, train)
+
+    cfg = _config_from_args(args)  # bad hyper-parameters fail here, before any work
+    rank, world, device = init_distributed()
+    try:
+        try:
+            prepare_output_dir(cfg, _estimate_checkpoint_bytes(args))  # before the model loads
+            model, tokenizer = build_model_and_tokenizer(args)
+            dataset = build_dataset(args, model, tokenizer, rank)
+        except (CheckpointError, FileExistsError, BadSample) as e:
+            _fail(str(e))
+        except ValueError as e:  # a data file that cannot be read as a whole (names file and line)
+            _fail(str(e))
+        try:
+            summary = train(model, dataset, cfg, pad_token_id=model.config.pad_token_id, device=device)
+        except TrainingInterrupted as e:
+            if rank == 0:
+                print(f"llavit-train: {e}", file=sys.stderr)
+            raise SystemExit(e.exit_code)
+        except (NonFiniteError, CheckpointError) as e:
+            _fail(str(e), code=1)
+        except ValueError as e:
+            if str(e).startswith("resume:"):
+                _fail(str(e))
+            raise
+        if rank == 0:
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{summary['step']}")
+            tokenizer.save_pretrained(os.path.join(ckpt, "tokenizer"))
+            summary["checkpoint"] = ckpt
+            summary["skipped_by_reason"] = dict(summary["skipped"])  # summed over ranks and workers, kept on resume
+            if args.eval_after and args.data == "synthetic":
+                summary["eval"] = eval_checkpoint(ckpt, num=200, seed=args.seed, device=device)
+            hist = summary.pop("history")
+            losses = [h["loss"] for h in hist if h.get("loss") is not None]
+            summary["first_loss"] = losses[0] if losses else None  # the whole run's, resumed parts included
+            with open(os.path.join(args.output_dir, "log.json"), "w") as f:
+                f.write(dumps_strict(summary, indent=2))
+            print(dumps_strict({k: summary[k] for k in ("step", "first_loss", "final_loss", "skipped", "checkpoint",
+                                                         "parallel")}))
+            if "eval" in summary:
+                print(f"held-out accuracy {100 * summary['eval']['accuracy']:.1f}%  per kind {summary['eval']['per_kind']}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return summary if rank == 0 else None
 
 
@@ -185,7 +257,9 @@ def eval_checkpoint(checkpoint, num=400, seed=0, device=None, batch_size=100):
     from ..data.tokenizer import load_tokenizer
     from ..models.llavit import LlavitForConditionalGeneration
     from .evaluate import evaluate_synthetic
+    from .trainer import check_checkpoint_files
 
+    check_checkpoint_files(checkpoint)
     model = LlavitForConditionalGeneration.load(checkpoint)
     if device is not None:
         model.to(device)
