@@ -389,7 +389,7 @@ def test_bad_inputs_raise_clear_errors():
         apply_llavit(copy.deepcopy(plain), image_token_id=VOCAB)
     with pytest.raises(ValueError, match="image_token_id: Qwen2ForCausalLM has no image token"):
         apply_llavit(copy.deepcopy(plain))
-    with pytest.raises(TypeError, match="model: expected Qwen2ForCausalLM"):
+    with pytest.raises(TypeError, match="model: got Linear, which apply_llavit does not support. Supported text models: Qwen2"):
         apply_llavit(nn.Linear(2, 2), image_token_id=1)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB))
     with pytest.raises(TypeError, match="got GPT2LMHeadModel"):
