@@ -191,6 +191,16 @@ def _find_source(kwargs, state: Optional[_ForwardState]) -> LlavitLayoutSource:
     return source
 
 
+def _merge_mrope(table: torch.Tensor, section) -> torch.Tensor:
+    """One ``[B, T, D]`` table from the temporal / height / width tables ``[3, B, T, D]``: chunk i of
+    the head dim (sizes ``mrope_section`` twice, rotate-half) comes from table ``i % 3``, as
+    transformers' ``apply_multimodal_rotary_pos_emb`` does."""
+    if section is None:
+        raise ValueError("position_embeddings: got [3, B, T, D] multimodal RoPE tables but no mrope_section")
+    chunks = table.split(list(section) * 2, dim=-1)
+    return torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)
+
+
 # ---------------------------------------------------------------------------- converted attention
 class HFLlavitAttention(LlavitAttention):
     """LlavitAttention inside a converted transformers model.
@@ -202,6 +212,7 @@ class HFLlavitAttention(LlavitAttention):
     """
 
     _llavit_state: Optional[_ForwardState] = None
+    mrope_section: Optional[list] = None  # set by the Qwen2-VL adapter
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, past_key_value=None, **kwargs):
@@ -218,6 +229,8 @@ class HFLlavitAttention(LlavitAttention):
                 raise ValueError("HFLlavitAttention: expected position_embeddings (cos, sin) or position_ids from the model")
             position_embeddings = self.rotary(position_ids, hidden_states.dtype)
         cos, sin = position_embeddings
+        if cos.dim() == 4:  # multimodal RoPE tables [3, B, T, D] (Qwen2-VL in transformers 4.x)
+            cos, sin = _merge_mrope(cos, self.mrope_section), _merge_mrope(sin, self.mrope_section)
         if cos.dim() == 3 and cos.shape[0] == 1 and tuple(cos.shape[:-1]) != lead:
             cos, sin = cos[0], sin[0]
         if source.packed:
@@ -415,6 +428,8 @@ def _llavit_forward(model, *args, **kwargs):
                     "True on image tokens> so the model knows which tokens are image tokens"
                 )
             image_mask = input_ids == model._llavit_image_token_id
+            for extra in model.__dict__.get("_llavit_extra_token_ids", ()):  # video tokens: visual too
+                image_mask = image_mask | (input_ids == extra)
         cache = next((bound[k] for k in ("cache", "past_key_values", "past_key_value") if bound.get(k) is not None), None)
         cu_seqlens = bound.get("cu_seq_lens_q")
         if cu_seqlens is None and attention_mask is None:
@@ -437,7 +452,7 @@ def _packed_offsets(position_ids, image_mask, cache) -> Optional[torch.Tensor]:
     ``use_cache=True`` creates does not silently merge the documents). Finding the offsets reads values (two host
     syncs, once per call); under torch.compile pass ``cu_seq_lens_q`` instead.
     """
-    if position_ids is None or image_mask.shape[1] < 2 or not should_validate_values():
+    if position_ids is None or position_ids.dim() > 2 or image_mask.shape[1] < 2 or not should_validate_values():
         return None
     if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
         return None
@@ -481,7 +496,21 @@ def _check_chunk_boundary(cache, image_mask: torch.Tensor) -> None:
         pass
 
 
-def _wrap_forward(model, image_token_id: int, state: _ForwardState) -> None:
+def _video_token_ids(model, kind: str):
+    """Video placeholder ids of a multimodal model (Qwen2-VL, LLaVA-OneVision, ...): video frames are
+    visual tokens too (each contiguous run of them is one bidirectional span)."""
+    if kind != "multimodal":
+        return ()
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = []
+    for attr in ("video_token_id", "video_token_index"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab and value not in ids:
+            ids.append(value)
+    return tuple(ids)
+
+
+def _wrap_forward(model, image_token_id: int, state: _ForwardState, extra_token_ids=()) -> None:
     """Bind a layout-building forward to the instance (the class is untouched).
 
     A bound method (not a closure) so that ``copy.deepcopy(model)`` rebinds it to the copy. Its
@@ -492,6 +521,7 @@ def _wrap_forward(model, image_token_id: int, state: _ForwardState) -> None:
         existing = model.__dict__.get("forward")  # e.g. a hook some other library installed
         model._llavit_original_forward = existing
     model._llavit_image_token_id = image_token_id
+    model._llavit_extra_token_ids = tuple(extra_token_ids)
     model._llavit_state = state
 
     def forward(self, *args, **kwargs):
@@ -768,7 +798,7 @@ def apply_llavit(
     if peft_model is not None and image_names:
         _extend_peft_config(peft_model, image_names)
     model._llavit_state = state
-    _wrap_forward(model, image_token_id, state)
+    _wrap_forward(model, image_token_id, state, _video_token_ids(model, kind))
     _remove_load_guard(model)
     # The converted modules take their mask from the layout; with "llavit" as the text model's
     # attention implementation, transformers builds no dense mask (and skips the host sync its
@@ -818,7 +848,7 @@ def apply_llavit_mask(model: nn.Module, image_token_id: Optional[int] = None) ->
     for _, module, _ in _attention_modules(model, family):
         module._llavit_state = state
     model._llavit_state = state
-    _wrap_forward(model, image_token_id, state)
+    _wrap_forward(model, image_token_id, state, _video_token_ids(model, kind))
     return outer
 
 

@@ -33,15 +33,15 @@ class MultimodalFamily:
 
 
 def _text_families():
-    from . import llama, phi3, qwen3
+    from . import llama, phi3, qwen2_vl, qwen3
 
-    return llama.FAMILIES + qwen3.FAMILIES + phi3.FAMILIES
+    return llama.FAMILIES + qwen3.FAMILIES + phi3.FAMILIES + qwen2_vl.FAMILIES
 
 
 def _multimodal_families():
-    from . import llava
+    from . import idefics3, internvl, llava, mistral3, qwen2_vl
 
-    return llava.FAMILIES
+    return llava.FAMILIES + qwen2_vl.MULTIMODAL + idefics3.FAMILIES + internvl.FAMILIES + mistral3.FAMILIES
 
 
 
@@ -51,7 +51,7 @@ def text_family_of_config(config) -> Optional[TextFamily]:
 
 
 def supported_text() -> str:
-    return ", ".join(f"{f.name} ({'/'.join(f.model_classes[:1])})" for f in TEXT_FAMILIES)
+    return ", ".join(f"{f.name} ({f.model_classes[0]})" for f in TEXT_FAMILIES)
 
 
 def supported_multimodal() -> str:
