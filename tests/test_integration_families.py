@@ -58,17 +58,16 @@ def converted(plain):
 
 
 def dense_mask(ids, mask, dtype=torch.float32):
-    """The LLaViT mask written out element by element (additive float, [B, 1, T, T])."""
-    batch, length = ids.shape
-    block = block_ids_python(ids == IMAGE_ID)
-    out = torch.full((batch, 1, length, length), torch.finfo(dtype).min, dtype=dtype)
-    for b in range(batch):
-        for q in range(length):
-            for k in range(length):
-                same_image = block[b, q] >= 0 and block[b, q] == block[b, k]
-                if mask[b, k] and (k <= q or same_image):
-                    out[b, 0, q, k] = 0
-    return out
+    """The LLaViT mask written out from its rule (additive float, [B, 1, T, T]): key k is visible to
+    query q iff k is not padding and (k <= q or q and k lie in the same image run)."""
+    length = ids.shape[1]
+    block = block_ids_python(ids == IMAGE_ID)  # one id per maximal image run, -1 on text (Python loop)
+    q = torch.arange(length)[:, None]
+    k = torch.arange(length)[None, :]
+    same_image = (block[:, :, None] >= 0) & (block[:, :, None] == block[:, None, :])
+    allowed = mask.bool()[:, None, :] & ((k <= q)[None] | same_image)
+    out = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return out[:, None]
 
 
 def oracle(plain, model):

@@ -120,7 +120,7 @@ def test_generate_with_cache_equals_full_recompute(family):
     model = converted(plain)
     perturb_image_weights(model, scale=1.0)
     ids, mask = image_batch(length=24, starts=(3, 6), pad_left=(0, 2))
-    steps = 5
+    steps = 3
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
                          do_sample=False, pad_token_id=0)
     assert torch.equal(out, greedy_by_recompute(model, ids, mask, steps))

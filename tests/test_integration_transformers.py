@@ -469,7 +469,10 @@ def test_packed_documents_from_position_ids():
         text_want = plain(text_ids, position_ids=positions, use_cache=False).logits
     torch.testing.assert_close(got[0], torch.cat(separate[:2]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], torch.cat(separate[2:]), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(text_got, text_want, rtol=1e-5, atol=1e-5)
+    from transformers import masking_utils
+
+    if hasattr(masking_utils, "find_packed_sequence_indices"):  # transformers >= 4.54 detects packing itself
+        torch.testing.assert_close(text_got, text_want, rtol=1e-5, atol=1e-5)
     # explicit offsets (what DataCollatorWithFlattening passes): same result
     cu = torch.tensor([0, 7, 28, 40, 56], dtype=torch.int32)
     with torch.no_grad():
@@ -568,7 +571,7 @@ def test_conversion_does_not_touch_a_shared_config(tmp_path):
     text_cfg = llava.config.text_config
     apply_llavit(llava)
     assert llava.config.text_config is not text_cfg and text_cfg._attn_implementation != "llavit"
-    assert llava.model.language_model.config is llava.config.text_config
+    assert all(m.__dict__.get("config") is not text_cfg for m in llava.modules())  # no module keeps the shared one
 
 
 # ---------------------------------------------------------------------------- loading converted checkpoints

@@ -1,4 +1,4 @@
-"""Convert Hugging Face Qwen2 / Llama / LLaVA models to LLaViT in place.
+"""Convert Hugging Face models to LLaViT in place (supported families: see ``families/``).
 
 Three lines::
 
@@ -8,7 +8,7 @@ Three lines::
 
 What changes:
 
-* every ``Qwen2Attention`` / ``LlamaAttention`` of the language model is replaced by a
+* every stock attention module of the language model (``Qwen2Attention``, ``LlamaAttention``, ...) is replaced by a
   :class:`HFLlavitAttention` (a :class:`~llavit_kernels.nn.LlavitAttention` with transformers'
   attention-call signature). Text q/k/v/o keep their names (``...self_attn.q_proj.weight``), the
   image q/k/v are new keys (``...self_attn.q_proj_image.weight``), initialised as copies of the text
