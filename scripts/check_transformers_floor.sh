@@ -48,6 +48,7 @@ print(f"transformers {transformers.__version__} from {transformers.__file__}; to
 assert transformers.__version__.startswith("$VERSION"), transformers.__version__
 PY
 export PYTHONPATH="$ROOT:$ROOT/tests"
-TESTS=(tests/test_integration_transformers.py tests/test_generation.py tests/test_integration_families.py)
+TESTS=(tests/test_integration_transformers.py tests/test_generation.py tests/test_integration_families.py
+       tests/test_integration_multimodal_families.py)
 if "$VENV/bin/python" -c "import peft" 2>/dev/null; then TESTS+=(tests/test_integration_peft.py); fi
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${TESTS[@]}"

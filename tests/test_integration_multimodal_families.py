@@ -11,6 +11,7 @@ greedy decoding by full recompute; save_pretrained / from_pretrained round trip.
 """
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -152,3 +153,56 @@ def test_video_tokens_are_visual(family):
         got = model(input_ids=video, attention_mask=mask).logits
         want = ref(input_ids=video, attention_mask=dense_mask(ids, mask), position_ids=_positions(mask)).logits
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
+def _with_dense_mask(ref, ids, mask):
+    """Make the stock model's text model attend with the hand-built 4-D mask: the top level still gets
+    the 2-D mask (so it computes its own 3-D RoPE positions), the text model receives the 4-D one."""
+    text_model = ref.model.language_model
+    dense = dense_mask(ids, mask)
+
+    def swap(module, args, kwargs):
+        kwargs["attention_mask"] = dense[:, :, -kwargs["inputs_embeds"].shape[1]:, :]
+        return args, kwargs
+
+    return text_model.register_forward_pre_hook(swap, with_kwargs=True)
+
+
+def test_qwen2_vl_with_pixels_and_3d_positions():
+    """Real pixels through the vision tower, 3-D (time, height, width) RoPE positions computed by the
+    model: logits equal the routed-q/k/v stock model with the hand-built mask; generate() with the
+    cache equals greedy decoding by full recompute."""
+    plain = make("qwen2_vl")
+    model = converted(plain)
+    perturb_image_weights(model, scale=1.0)
+    grid = torch.tensor([[1, 4, 4]])  # 16 patches, 2x2 merge -> 4 image tokens
+    pixels = torch.randn(2 * 16, 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, 90, (2, 14), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    ids[0, 2], ids[0, 3:7] = 97, IMAGE_ID
+    ids[1, 5], ids[1, 6:10] = 97, IMAGE_ID
+    ids[1, :2], mask[1, :2] = 0, 0  # left padding
+    kwargs = dict(pixel_values=pixels, image_grid_thw=grid.repeat(2, 1))
+    if "mm_token_type_ids" in inspect.signature(type(plain).forward).parameters:  # transformers >= 5.x
+        kwargs["mm_token_type_ids"] = (ids == IMAGE_ID).int()  # 1 on image tokens, as the processor returns
+    ref = oracle(plain, model)
+    ref.config.get_text_config()._attn_implementation = "eager"
+    ref._holder.is_image = ids == IMAGE_ID
+    handle = _with_dense_mask(ref, ids, mask)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+        want = ref(input_ids=ids, attention_mask=mask, **kwargs).logits
+    handle.remove()
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+    steps = 3
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                         do_sample=False, pad_token_id=0, **kwargs)
+    seq, seq_mask = ids, mask
+    for _ in range(steps):
+        if "mm_token_type_ids" in kwargs:
+            kwargs["mm_token_type_ids"] = (seq == IMAGE_ID).int()
+        with torch.no_grad():
+            logits = model(input_ids=seq, attention_mask=seq_mask, use_cache=False, **kwargs).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        seq, seq_mask = torch.cat([seq, token], 1), torch.cat([seq_mask, torch.ones_like(token)], 1)
+    assert torch.equal(out, seq)
