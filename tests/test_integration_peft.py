@@ -14,7 +14,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from llavit_kernels.integrations import HFLlavitAttention, apply_llavit, from_pretrained, llavit_peft_modules  # noqa: E402
+from llavit_kernels.integrations import (  # noqa: E402
+    HFLlavitAttention,
+    apply_llavit,
+    llavit_peft_modules,
+    llavit_state_dict,
+    load_llavit_weights,
+)
 from llavit_kernels.nn import attention as attention_module  # noqa: E402
 
 from test_integration_transformers import IMAGE_ID, convert, image_batch, make_llava, perturb_image_weights  # noqa: E402
@@ -178,6 +184,10 @@ def test_lora_then_convert(monkeypatch, tmp_path):
     assert {"q_proj_image", "k_proj_image", "v_proj_image"} <= set(model.peft_config["default"].target_modules)
     grads = _check_adapter_model(model, batch, spy)
     assert any(".q_proj_image.lora_A." in n for n in grads)
+    # the image base weights under their plain names (what a converted checkpoint holds), loadable back
+    image_state = llavit_state_dict(model)
+    assert sorted(image_state) == sorted(k for k in convert(plain).state_dict() if "_proj_image." in k)
+    assert load_llavit_weights(model, image_state) == len(image_state)
     model.save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(_unwrapped(model), str(tmp_path))
     torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch))
