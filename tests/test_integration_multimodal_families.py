@@ -35,8 +35,11 @@ def _text(cls, **kw):
 
 _CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=7)
 _QWEN_VL_TEXT = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_hidden_layers=2,
-                     vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                     rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
+                     vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+if int(T.__version__.split(".")[0]) >= 5:
+    _QWEN_VL_TEXT["rope_parameters"] = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
+else:  # the 4.x name
+    _QWEN_VL_TEXT["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
 _QWEN_VL_VISION = dict(depth=1, num_heads=4, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
 
 BUILDERS = {
@@ -69,7 +72,12 @@ FAMILIES = sorted(BUILDERS)
 
 def make(family, seed=0):
     torch.manual_seed(seed)
-    return BUILDERS[family]().eval()
+    model = BUILDERS[family]().eval()
+    # transformers 4.x configs of some classes (Mistral3) take only image_token_index and keep their
+    # default image token; setting the attribute goes through their attribute_map in every version
+    model.config.image_token_id = IMAGE_ID
+    assert model.config.image_token_id == IMAGE_ID
+    return model
 
 
 def converted(plain):

@@ -482,7 +482,7 @@ def test_packed_documents_from_position_ids():
     masked = copy.deepcopy(plain)
     apply_llavit_mask(masked, image_token_id=IMAGE_ID)
     with torch.no_grad():
-        torch.testing.assert_close(masked(text_ids, position_ids=positions).logits, text_want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(masked(text_ids, position_ids=positions).logits, text_got, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- GPU tier

@@ -213,6 +213,7 @@ class HFLlavitAttention(LlavitAttention):
 
     _llavit_state: Optional[_ForwardState] = None
     mrope_section: Optional[list] = None  # set by the Qwen2-VL adapter
+    returns_cache: bool = False  # set by adapters whose stock attention returns (output, weights, cache)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, past_key_value=None, **kwargs):
@@ -234,7 +235,7 @@ class HFLlavitAttention(LlavitAttention):
         if cos.dim() == 3 and cos.shape[0] == 1 and tuple(cos.shape[:-1]) != lead:
             cos, sin = cos[0], sin[0]
         if source.packed:
-            return self._forward_packed(hidden_states, source, cos, sin, kv_cache), None
+            return self._outputs(self._forward_packed(hidden_states, source, cos, sin, kv_cache), kv_cache)
         q, k, v = self.project_qkv(hidden_states, query_is_image, cos, sin)
         if kv_cache is not None:
             # transformers' caches hold [B, Hkv, T, D]; the ops use [B, T, Hkv, D]
@@ -242,7 +243,12 @@ class HFLlavitAttention(LlavitAttention):
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         layout = source.layout(q.shape[1], k.shape[1])
         out = self.attend(q, k, v, layout)
-        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), None
+        return self._outputs(self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), kv_cache)
+
+    def _outputs(self, out, kv_cache):
+        # (output, attention weights) -- or, where the stock decoder layer unpacks three values
+        # (Qwen2-VL in transformers 4.x), (output, weights, cache)
+        return (out, None, kv_cache) if self.returns_cache else (out, None)
 
     def _forward_packed(self, hidden_states, source, cos, sin, kv_cache):
         """Padding-free batches: every row holds several documents; attend within documents."""

@@ -4,6 +4,9 @@ rotary embedding turns the 3-D positions into the usual ``cos, sin`` tables (tra
 the tables come as ``[3, B, T, D]`` and the converted attention merges them by ``mrope_section``).
 Image and video placeholder tokens (``image_token_id``, ``video_token_id``) are visual tokens."""
 
+import functools
+import inspect
+
 from . import MultimodalFamily, TextFamily
 
 
@@ -15,11 +18,23 @@ def _mrope_section(config):
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _returns_cache(cls) -> bool:
+    """transformers 4.x: this attention returns ``(output, weights, cache)`` and the decoder layer
+    unpacks three values; transformers 5 returns two."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # pragma: no cover - no source available
+        return False
+    return "return attn_output, attn_weights, past_key_value" in source
+
+
 def _convert(module, **switches):
     from ..transformers import HFLlavitAttention
 
     new = HFLlavitAttention.from_attention(module, **switches)
     new.mrope_section = _mrope_section(module.config)
+    new.returns_cache = _returns_cache(type(module))
     return new
 
 
