@@ -811,6 +811,9 @@ def apply_llavit(
     # sdpa mask path does to look for padding).
     register_llavit_attention()
     _text_config(model)._attn_implementation = "llavit"
+    for module in model.modules():  # transformers 4.x: the language model holds its own text-config copy
+        if isinstance(module, HFLlavitAttention) and module.config is not None:
+            module.config._attn_implementation = "llavit"
 
     if separate_image_qkv:
         if isinstance(weights, str) and weights == "auto":
