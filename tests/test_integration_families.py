@@ -166,3 +166,23 @@ def test_unsupported_models_are_refused_with_the_supported_list():
         transformers.LlavaConfig(vision_config=vision, text_config=gemma, image_token_id=IMAGE_ID))
     with pytest.raises(TypeError, match="model_type='gemma'.*supported text models: Qwen2"):
         apply_llavit(llava)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mask_only_mode_matches_oracle(family):
+    """apply_llavit_mask (stock modules, attn_implementation="llavit") on each family: the stock
+    weights with the hand-built mask."""
+    from llavit_kernels.integrations import apply_llavit_mask
+
+    plain = make(family)
+    model = apply_llavit_mask(copy.deepcopy(plain), image_token_id=IMAGE_ID)
+    ref = copy.deepcopy(plain)
+    ref.config._attn_implementation = "eager"
+    ids, mask = image_batch(pad_left=(0, 3))
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        want = ref(ids, attention_mask=dense_mask(ids, mask), position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+    windowed = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=16, **COMMON))
+    with pytest.raises(NotImplementedError, match="sliding_window=16"):
+        apply_llavit_mask(windowed, image_token_id=IMAGE_ID)

@@ -854,7 +854,13 @@ def apply_llavit_mask(model: nn.Module, image_token_id: Optional[int] = None) ->
     _own_config(model)
     _text_config(model)._attn_implementation = "llavit"
     state = getattr(model, "_llavit_state", None) or _ForwardState()
-    for _, module, _ in _attention_modules(model, family):
+    modules = _attention_modules(model, family)
+    for name, module, _ in modules:  # span attention has no sliding window: refuse one that binds
+        window = getattr(module, "sliding_window", None)
+        if window is None and family.model_types[0] in ("mistral", "phi3"):
+            window = getattr(module.config, "sliding_window", None)
+        _families().check_sliding_window(window, module.config, family.name)
+    for _, module, _ in modules:
         module._llavit_state = state
     model._llavit_state = state
     _wrap_forward(model, image_token_id, state, _video_token_ids(model, kind))
