@@ -327,7 +327,8 @@ class LlavitAttention(nn.Module):
         for text_name, image_name in zip(self.text_projection_names, self.image_projection_names):
             text, image = base_linear(getattr(self, text_name)), base_linear(getattr(self, image_name))
             if text is None or image is None:
-                raise TypeError(f"{text_name}: expected an nn.Linear or a wrapper of one, got {type(getattr(self, text_name)).__name__}")
+                got = type(getattr(self, text_name)).__name__
+                raise TypeError(f"{text_name}: expected an nn.Linear or a wrapper of one, got {got}")
             image.weight.copy_(text.weight)
             if text.bias is not None:
                 image.bias.copy_(text.bias)
@@ -603,4 +604,5 @@ class LlavitAttention(nn.Module):
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"separate_image_qkv={self.separate_image_qkv}, bidirectional_image={self.bidirectional_image}"
+            + (", fused_qkv=True" if self.fused_qkv else "")
         )
