@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 # Triton 3.6's interpreter (the CPU test tier) breaks on numpy >= 2.4; the GPU image has triton 3.6.
 TEST_TRITON = ["triton==3.6.0; platform_system == 'Linux'", "numpy<2.4"]
-TRAIN = ["transformers>=4.50", "safetensors", "pillow", "tqdm", "matplotlib"]
+TRAIN = ["transformers>=4.53", "safetensors", "pillow", "tqdm", "matplotlib"]
 BENCH = ["matplotlib", "pytest-benchmark"]
 
 setup(
@@ -21,7 +21,7 @@ setup(
     extras_require={
         "train": TRAIN,
         "bench": BENCH,
-        "dev": sorted(set(TRAIN + BENCH + TEST_TRITON + ["pytest", "hypothesis"])),
+        "dev": sorted(set(TRAIN + BENCH + TEST_TRITON + ["pytest", "hypothesis", "peft>=0.15"])),
     },
     entry_points={"console_scripts": ["llavit-train=llavit_kernels.train.__main__:main"]},
 )

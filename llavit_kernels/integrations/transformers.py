@@ -1,4 +1,4 @@
-"""Convert Hugging Face Qwen2 / Llama / LLaVA models to LLaViT in place.
+"""Convert Hugging Face models to LLaViT in place (supported families: see ``families/``).
 
 Three lines::
 
@@ -8,7 +8,7 @@ Three lines::
 
 What changes:
 
-* every ``Qwen2Attention`` / ``LlamaAttention`` of the language model is replaced by a
+* every stock attention module of the language model (``Qwen2Attention``, ``LlamaAttention``, ...) is replaced by a
   :class:`HFLlavitAttention` (a :class:`~llavit_kernels.nn.LlavitAttention` with transformers'
   attention-call signature). Text q/k/v/o keep their names (``...self_attn.q_proj.weight``), the
   image q/k/v are new keys (``...self_attn.q_proj_image.weight``), initialised as copies of the text
@@ -47,6 +47,7 @@ layout reaches it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -72,11 +73,13 @@ __all__ = [
     "llavit_attention_forward",
     "HFLlavitAttention",
     "LlavitLayoutSource",
+    "from_pretrained",
+    "llavit_peft_modules",
     "LAYOUT_KWARG",
 ]
 
 LAYOUT_KWARG = "llavit_layout"
-IMAGE_KEY_MARKERS = ("q_proj_image.", "k_proj_image.", "v_proj_image.")
+IMAGE_KEY_MARKERS = ("q_proj_image.", "k_proj_image.", "v_proj_image.", "qkv_proj_image.")
 
 
 # ---------------------------------------------------------------------------- the layout of one call
@@ -188,6 +191,16 @@ def _find_source(kwargs, state: Optional[_ForwardState]) -> LlavitLayoutSource:
     return source
 
 
+def _merge_mrope(table: torch.Tensor, section) -> torch.Tensor:
+    """One ``[B, T, D]`` table from the temporal / height / width tables ``[3, B, T, D]``: chunk i of
+    the head dim (sizes ``mrope_section`` twice, rotate-half) comes from table ``i % 3``, as
+    transformers' ``apply_multimodal_rotary_pos_emb`` does."""
+    if section is None:
+        raise ValueError("position_embeddings: got [3, B, T, D] multimodal RoPE tables but no mrope_section")
+    chunks = table.split(list(section) * 2, dim=-1)
+    return torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)
+
+
 # ---------------------------------------------------------------------------- converted attention
 class HFLlavitAttention(LlavitAttention):
     """LlavitAttention inside a converted transformers model.
@@ -199,6 +212,8 @@ class HFLlavitAttention(LlavitAttention):
     """
 
     _llavit_state: Optional[_ForwardState] = None
+    mrope_section: Optional[list] = None  # set by the Qwen2-VL adapter
+    returns_cache: bool = False  # set by adapters whose stock attention returns (output, weights, cache)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, past_key_value=None, **kwargs):
@@ -215,10 +230,12 @@ class HFLlavitAttention(LlavitAttention):
                 raise ValueError("HFLlavitAttention: expected position_embeddings (cos, sin) or position_ids from the model")
             position_embeddings = self.rotary(position_ids, hidden_states.dtype)
         cos, sin = position_embeddings
+        if cos.dim() == 4:  # multimodal RoPE tables [3, B, T, D] (Qwen2-VL in transformers 4.x)
+            cos, sin = _merge_mrope(cos, self.mrope_section), _merge_mrope(sin, self.mrope_section)
         if cos.dim() == 3 and cos.shape[0] == 1 and tuple(cos.shape[:-1]) != lead:
             cos, sin = cos[0], sin[0]
         if source.packed:
-            return self._forward_packed(hidden_states, source, cos, sin, kv_cache), None
+            return self._outputs(self._forward_packed(hidden_states, source, cos, sin, kv_cache), kv_cache)
         q, k, v = self.project_qkv(hidden_states, query_is_image, cos, sin)
         if kv_cache is not None:
             # transformers' caches hold [B, Hkv, T, D]; the ops use [B, T, Hkv, D]
@@ -226,7 +243,12 @@ class HFLlavitAttention(LlavitAttention):
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         layout = source.layout(q.shape[1], k.shape[1])
         out = self.attend(q, k, v, layout)
-        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), None
+        return self._outputs(self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), kv_cache)
+
+    def _outputs(self, out, kv_cache):
+        # (output, attention weights) -- or, where the stock decoder layer unpacks three values
+        # (Qwen2-VL in transformers 4.x), (output, weights, cache)
+        return (out, None, kv_cache) if self.returns_cache else (out, None)
 
     def _forward_packed(self, hidden_states, source, cos, sin, kv_cache):
         """Padding-free batches: every row holds several documents; attend within documents."""
@@ -293,29 +315,49 @@ def register_llavit_attention() -> None:
 
 
 # ---------------------------------------------------------------------------- model discovery
-def _supported_attention_classes():
-    from transformers.models.llama.modeling_llama import LlamaAttention
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+def _families():
+    from . import families
 
-    return (Qwen2Attention, LlamaAttention)
+    return families
 
 
 def _model_kind(model: nn.Module) -> str:
+    """"multimodal" or "text"; anything else is refused with the list of supported families."""
     import transformers
 
-    names = {
-        "llava": ("LlavaForConditionalGeneration", "LlavaModel"),
-        "text": ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen2Model", "LlamaModel"),
-    }
-    for kind, class_names in names.items():
-        for name in class_names:
-            cls = getattr(transformers, name, None)
-            if cls is not None and isinstance(model, cls):
-                return kind
+    fam = _families()
+    groups = (("multimodal", fam.MULTIMODAL_FAMILIES), ("text", fam.TEXT_FAMILIES))
+    for kind, families in groups:
+        for family in families:
+            for name in family.model_classes:
+                cls = getattr(transformers, name, None)
+                if cls is not None and isinstance(model, cls):
+                    return kind
     raise TypeError(
-        f"model: expected Qwen2ForCausalLM, LlamaForCausalLM or LlavaForConditionalGeneration (or their base "
-        f"models), got {type(model).__name__}"
+        f"model: got {type(model).__name__}, which apply_llavit does not support. Supported text models: "
+        f"{fam.supported_text()} (and their base models); multimodal: {fam.supported_multimodal()} with a "
+        "supported text model"
     )
+
+
+def _check_text_family(model):
+    """The family of the text model (its config.model_type), refused with the supported list if none."""
+    fam = _families()
+    config = _text_config(model)
+    family = fam.text_family_of_config(config)
+    if family is None:
+        raise TypeError(
+            f"model: the text model of {type(model).__name__} has model_type={getattr(config, 'model_type', None)!r}, "
+            f"which apply_llavit does not support; supported text models: {fam.supported_text()}"
+        )
+    return family
+
+
+def _unwrap_peft(model: nn.Module):
+    """``(transformers model, PeftModel or None)``: a PEFT model is converted through its base model."""
+    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
+        return model.get_base_model(), model
+    return model, None
 
 
 def _text_config(model):
@@ -328,7 +370,7 @@ def _resolve_image_token_id(model, kind: str, image_token_id: Optional[int]) -> 
         llavit_cfg = getattr(model.config, "llavit", None)
         if isinstance(llavit_cfg, dict) and llavit_cfg.get("image_token_id") is not None:
             image_token_id = llavit_cfg["image_token_id"]
-        elif kind == "llava":
+        elif kind == "multimodal":
             image_token_id = getattr(model.config, "image_token_id", None)
             if image_token_id is None:
                 image_token_id = getattr(model.config, "image_token_index", None)
@@ -348,9 +390,15 @@ def _resolve_image_token_id(model, kind: str, image_token_id: Optional[int]) -> 
     return image_token_id
 
 
-def _attention_modules(model):
-    classes = _supported_attention_classes()
-    found = [(name, module) for name, module in model.named_modules() if isinstance(module, classes)]
+def _attention_modules(model, family=None):
+    """``(name, module, family)`` of every stock attention module of a supported text family."""
+    families = (family,) if family is not None else _families().TEXT_FAMILIES
+    found = []
+    for name, module in model.named_modules():
+        for fam in families:
+            if isinstance(module, fam.attention_classes()):
+                found.append((name, module, fam))
+                break
     return found
 
 
@@ -386,6 +434,8 @@ def _llavit_forward(model, *args, **kwargs):
                     "True on image tokens> so the model knows which tokens are image tokens"
                 )
             image_mask = input_ids == model._llavit_image_token_id
+            for extra in model.__dict__.get("_llavit_extra_token_ids", ()):  # video tokens: visual too
+                image_mask = image_mask | (input_ids == extra)
         cache = next((bound[k] for k in ("cache", "past_key_values", "past_key_value") if bound.get(k) is not None), None)
         cu_seqlens = bound.get("cu_seq_lens_q")
         if cu_seqlens is None and attention_mask is None:
@@ -408,7 +458,7 @@ def _packed_offsets(position_ids, image_mask, cache) -> Optional[torch.Tensor]:
     ``use_cache=True`` creates does not silently merge the documents). Finding the offsets reads values (two host
     syncs, once per call); under torch.compile pass ``cu_seq_lens_q`` instead.
     """
-    if position_ids is None or image_mask.shape[1] < 2 or not should_validate_values():
+    if position_ids is None or position_ids.dim() > 2 or image_mask.shape[1] < 2 or not should_validate_values():
         return None
     if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
         return None
@@ -452,7 +502,21 @@ def _check_chunk_boundary(cache, image_mask: torch.Tensor) -> None:
         pass
 
 
-def _wrap_forward(model, image_token_id: int, state: _ForwardState) -> None:
+def _video_token_ids(model, kind: str):
+    """Video placeholder ids of a multimodal model (Qwen2-VL, LLaVA-OneVision, ...): video frames are
+    visual tokens too (each contiguous run of them is one bidirectional span)."""
+    if kind != "multimodal":
+        return ()
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = []
+    for attr in ("video_token_id", "video_token_index"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab and value not in ids:
+            ids.append(value)
+    return tuple(ids)
+
+
+def _wrap_forward(model, image_token_id: int, state: _ForwardState, extra_token_ids=()) -> None:
     """Bind a layout-building forward to the instance (the class is untouched).
 
     A bound method (not a closure) so that ``copy.deepcopy(model)`` rebinds it to the copy. Its
@@ -463,6 +527,7 @@ def _wrap_forward(model, image_token_id: int, state: _ForwardState) -> None:
         existing = model.__dict__.get("forward")  # e.g. a hook some other library installed
         model._llavit_original_forward = existing
     model._llavit_image_token_id = image_token_id
+    model._llavit_extra_token_ids = tuple(extra_token_ids)
     model._llavit_state = state
 
     def forward(self, *args, **kwargs):
@@ -473,9 +538,30 @@ def _wrap_forward(model, image_token_id: int, state: _ForwardState) -> None:
 
 
 # ---------------------------------------------------------------------------- weights
+_ADAPTER_KEY_PARTS = ("lora_", ".modules_to_save.")
+
+
+def _canonical_key(key: str) -> str:
+    """A PEFT-wrapped projection's base key under the plain name (``q_proj_image.base_layer.weight``
+    -> ``q_proj_image.weight``); PEFT's own prefix (``base_model.model.``) is dropped."""
+    key = key.replace(".base_layer.", ".").replace(".original_module.", ".")
+    return key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+
+
+def _image_base_params(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {
+        _canonical_key(k): v for k, v in model.named_parameters()
+        if any(m in k for m in IMAGE_KEY_MARKERS) and not any(a in k for a in _ADAPTER_KEY_PARTS)
+    }
+
+
 def llavit_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Only the image q/k/v tensors of a converted model (what a stock from_pretrained drops)."""
-    return {k: v for k, v in model.state_dict().items() if any(m in k for m in IMAGE_KEY_MARKERS)}
+    """Only the image q/k/v tensors of a converted model (what a stock from_pretrained drops). Under
+    PEFT: the base image weights under their plain names (adapters are saved by PEFT)."""
+    return {
+        _canonical_key(k): v for k, v in model.state_dict().items()
+        if any(m in k for m in IMAGE_KEY_MARKERS) and not any(a in k for a in _ADAPTER_KEY_PARTS)
+    }
 
 
 def _read_checkpoint_image_tensors(path: str) -> Dict[str, torch.Tensor]:
@@ -540,7 +626,7 @@ def load_llavit_weights(model: nn.Module, weights: Union[str, os.PathLike, Dict[
     by_suffix: Dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         by_suffix.setdefault(_layer_suffix(key), value)
-    params = {k: v for k, v in model.named_parameters() if any(m in k for m in IMAGE_KEY_MARKERS)}
+    params = _image_base_params(model)
     if not params:
         raise ValueError("model: has no image q/k/v parameters; convert it with apply_llavit first")
     missing = []
@@ -560,6 +646,88 @@ def load_llavit_weights(model: nn.Module, weights: Union[str, os.PathLike, Dict[
     return len(params)
 
 
+# ---------------------------------------------------------------------------- config, PEFT, frozen state
+def _own_config(model: nn.Module) -> None:
+    """Give the model (and every submodule that shares them) its own copies of its config objects, so a
+    conversion never changes another model built from the same config object."""
+    from transformers import PretrainedConfig
+
+    old = model.config
+    new = copy.deepcopy(old)
+    pairs = {id(old): new}
+    stack = [(old, new)]
+    while stack:  # sub-configs (text_config, vision_config, ...) pair up by attribute name
+        a, b = stack.pop()
+        for key, value in vars(a).items():
+            if isinstance(value, PretrainedConfig) and id(value) not in pairs:
+                pairs[id(value)] = getattr(b, key)
+                stack.append((value, getattr(b, key)))
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if config is not None and id(config) in pairs:
+            module.config = pairs[id(config)]
+
+
+def _extend_peft_config(peft_model, names: Dict[str, str]) -> None:
+    """Wrap-then-convert: the image copies of targeted projections carry their own adapters; add their
+    names to the adapter config so PEFT saves, loads and merges them."""
+    for config in getattr(peft_model, "peft_config", {}).values():
+        for field in ("target_modules", "modules_to_save"):
+            current = getattr(config, field, None)
+            if current is None or isinstance(current, str):
+                if isinstance(current, str) and field == "target_modules":
+                    warnings.warn(
+                        "apply_llavit: the adapter's target_modules is a regular expression; make sure it also matches "
+                        f"the image projections ({', '.join(sorted(set(names.values())))}), or an adapter loaded later "
+                        "will not cover them", stacklevel=3,
+                    )
+                continue
+            extra = {names[t] for t in current if t in names}
+            if extra - set(current):
+                updated = list(current) + sorted(extra - set(current))
+                setattr(config, field, type(current)(updated) if isinstance(current, (set, list)) else updated)
+
+
+def llavit_peft_modules(
+    model: nn.Module,
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+    image_qkv: str = "lora",
+    modules_to_save=None,
+) -> Dict[str, list]:
+    """``target_modules`` and ``modules_to_save`` for a PEFT config of a CONVERTED model.
+
+    Args:
+        model: converted by :func:`apply_llavit` (or a PEFT model of one).
+        target_modules: the text modules to put adapters on (``q_proj``... or ``qkv_proj`` for Phi-3).
+        image_qkv: what happens to the image q/k/v: ``"lora"`` (default): the image projection of each
+            targeted text projection gets its own adapter; ``"full"``: the image projections are trained
+            in full and saved with the adapter (``modules_to_save``; LLaViT trains its visual QKV from
+            the first stage on); ``"frozen"``: neither.
+        modules_to_save: other modules to save in full (e.g. ``["multi_modal_projector"]``).
+
+    Returns ``{"target_modules": [...], "modules_to_save": [...]}`` for ``LoraConfig(**...)``.
+    """
+    if image_qkv not in ("lora", "full", "frozen"):
+        raise ValueError(f"image_qkv: expected 'lora', 'full' or 'frozen', got {image_qkv!r}")
+    if isinstance(target_modules, str):
+        raise TypeError("target_modules: expected a list of module names, got a string (a regular expression "
+                        "cannot be extended with the image projections)")
+    base, _ = _unwrap_peft(model)
+    attention = [m for m in base.modules() if isinstance(m, HFLlavitAttention)]
+    if not attention:
+        raise ValueError("model: has no LLaViT attention modules; convert it with apply_llavit first")
+    targets = list(dict.fromkeys(target_modules))
+    saved = list(dict.fromkeys(modules_to_save or ()))
+    image_names = sorted({n for m in attention for n in m.image_projection_names})
+    text_to_image = {n[: -len("_image")]: n for n in image_names}
+    if image_qkv == "lora":
+        targets += [text_to_image[t] for t in list(targets) if t in text_to_image and text_to_image[t] not in targets]
+    elif image_qkv == "full":
+        targets = [t for t in targets if t not in image_names]
+        saved += [n for n in image_names if n not in saved]
+    return {"target_modules": targets, "modules_to_save": saved}
+
+
 # ---------------------------------------------------------------------------- public entry points
 def apply_llavit(
     model: nn.Module,
@@ -569,11 +737,13 @@ def apply_llavit(
     bidirectional_image: Optional[bool] = None,
     weights: Union[str, os.PathLike, Dict[str, torch.Tensor], None] = "auto",
 ) -> nn.Module:
-    """Convert a Qwen2 / Llama causal LM or a LLaVA model to LLaViT in place; returns the model.
+    """Convert a supported causal LM or multimodal model to LLaViT in place; returns the model.
 
     Args:
-        model: ``Qwen2ForCausalLM``, ``LlamaForCausalLM``, ``LlavaForConditionalGeneration`` (text side
-            Qwen2 or Llama), or their base models.
+        model: a text model of a supported family (Qwen2 / Qwen2.5, Qwen3, Llama, Mistral, Phi-3:
+            ``...ForCausalLM`` or the base model), ``LlavaForConditionalGeneration`` whose text side is
+            one of them, or a PEFT model of any of these (wrap then convert: the adapters on q/k/v are
+            copied to the image projections and the adapter config is extended to name them).
         image_token_id: the placeholder token of image patches; default: LLaVA's
             ``config.image_token_id`` (``image_token_index``) or a previous conversion's
             ``config.llavit``. Must be inside the vocabulary.
@@ -583,10 +753,17 @@ def apply_llavit(
             was loaded from, when its config records a LLaViT conversion, otherwise copies of the
             text weights; a path or state dict: load from there; None: copies of the text weights.
 
+    ``requires_grad`` of every existing parameter is left as it is; the image copies take the flag of
+    the text projection they copy (so a frozen model stays frozen). The model gets its own copy of
+    its config (other models built from the same config object are untouched).
+
     Extra keywords the converted forward accepts: ``image_mask`` (bool ``[B, T]``, needed with
     ``inputs_embeds`` and no ``input_ids``) and ``span_ids`` (separate adjacent images).
     """
+    outer = model
+    model, peft_model = _unwrap_peft(model)
     kind = _model_kind(model)
+    family = _check_text_family(model)
     saved = getattr(model.config, "llavit", None)
     saved = saved if isinstance(saved, dict) else {}
     image_token_id = _resolve_image_token_id(model, kind, image_token_id)
@@ -594,43 +771,49 @@ def apply_llavit(
         separate_image_qkv = bool(saved.get("separate_image_qkv", True))
     if bidirectional_image is None:
         bidirectional_image = bool(saved.get("bidirectional_image", True))
-    text_model_type = getattr(_text_config(model), "model_type", None)
-    if kind == "llava" and text_model_type not in ("qwen2", "llama"):
-        raise TypeError(f"model: LLaVA's text side must be Qwen2 or Llama, got model_type={text_model_type!r}")
+    modules = _attention_modules(model, family)
+    for module in model.modules():  # modules converted by an earlier call
+        if isinstance(module, HFLlavitAttention) and module.separate_image_qkv != separate_image_qkv:
+            raise ValueError(
+                "separate_image_qkv: the model was converted with separate_image_qkv="
+                f"{module.separate_image_qkv}; convert a fresh model to change it"
+            )
+    if not modules and not any(isinstance(m, HFLlavitAttention) for m in model.modules()):
+        raise TypeError(f"model: found no {family.name} attention modules to convert in {type(model).__name__}")
 
+    _own_config(model)
     state = getattr(model, "_llavit_state", None) or _ForwardState()
-    converted = 0
-    for name, module in _attention_modules(model):
+    image_names: Dict[str, str] = {}
+    for name, module, fam in modules:
         if float(getattr(module, "attention_dropout", 0.0) or 0.0) > 0:
             warnings.warn(
                 f"apply_llavit: {name} has attention_dropout={module.attention_dropout}; span attention has no "
                 "attention-probability dropout, so it is not applied", stacklevel=2,
             )
-        new = HFLlavitAttention.from_attention(
-            module, separate_image_qkv=separate_image_qkv, bidirectional_image=bidirectional_image
-        )
+        new = fam.convert(module, separate_image_qkv=separate_image_qkv, bidirectional_image=bidirectional_image)
         new.config = module.config  # some transformers code reads self_attn.config
-        new._llavit_state = state
+        new.train(module.training)
+        for text_name, image_name in zip(new.text_projection_names, new.image_projection_names):
+            if type(getattr(new, text_name)) is not nn.Linear:
+                image_names[text_name] = image_name
         _set_submodule(model, name, new)
-        converted += 1
-    for module in model.modules():  # modules converted by an earlier call
+    for module in model.modules():
         if isinstance(module, HFLlavitAttention):
             module._llavit_state = state
-            if module.separate_image_qkv != separate_image_qkv:
-                raise ValueError(
-                    "separate_image_qkv: the model was converted with separate_image_qkv="
-                    f"{module.separate_image_qkv}; convert a fresh model to change it"
-                )
             module.bidirectional_image = bidirectional_image
-    if converted == 0 and not any(isinstance(m, HFLlavitAttention) for m in model.modules()):
-        raise TypeError(f"model: found no Qwen2/Llama attention modules to convert in {type(model).__name__}")
+    if peft_model is not None and image_names:
+        _extend_peft_config(peft_model, image_names)
     model._llavit_state = state
-    _wrap_forward(model, image_token_id, state)
+    _wrap_forward(model, image_token_id, state, _video_token_ids(model, kind))
+    _remove_load_guard(model)
     # The converted modules take their mask from the layout; with "llavit" as the text model's
     # attention implementation, transformers builds no dense mask (and skips the host sync its
     # sdpa mask path does to look for padding).
     register_llavit_attention()
     _text_config(model)._attn_implementation = "llavit"
+    for module in model.modules():  # transformers 4.x: the language model holds its own text-config copy
+        if isinstance(module, HFLlavitAttention) and module.config is not None:
+            module.config._attn_implementation = "llavit"
 
     if separate_image_qkv:
         if isinstance(weights, str) and weights == "auto":
@@ -652,29 +835,103 @@ def apply_llavit(
         "separate_image_qkv": separate_image_qkv,
         "bidirectional_image": bidirectional_image,
     }
-    return model
+    return outer
 
 
 def apply_llavit_mask(model: nn.Module, image_token_id: Optional[int] = None) -> nn.Module:
     """Mask-only LLaViT: stock modules and weights, span attention (``attn_implementation="llavit"``).
 
-    Sets the language model's attention implementation to ``"llavit"`` and wraps the forward so
-    the image layout reaches the attention function. No parameters are added.
+    Sets the language model's attention implementation to ``"llavit"`` (on the model's own config
+    copy) and wraps the forward so the image layout reaches the attention function. No parameters
+    are added.
     """
+    outer = model
+    model, _ = _unwrap_peft(model)
     kind = _model_kind(model)
+    family = _check_text_family(model)
     image_token_id = _resolve_image_token_id(model, kind, image_token_id)
     register_llavit_attention()
-    text_config = _text_config(model)
-    text_config._attn_implementation = "llavit"
+    _own_config(model)
+    _text_config(model)._attn_implementation = "llavit"
     state = getattr(model, "_llavit_state", None) or _ForwardState()
-    for _, module in _attention_modules(model):
+    modules = _attention_modules(model, family)
+    for name, module, _ in modules:  # span attention has no sliding window: refuse one that binds
+        window = getattr(module, "sliding_window", None)
+        if window is None and family.model_types[0] in ("mistral", "phi3"):
+            window = getattr(module.config, "sliding_window", None)
+        _families().check_sliding_window(window, module.config, family.name)
+    for _, module, _ in modules:
         module._llavit_state = state
     model._llavit_state = state
-    _wrap_forward(model, image_token_id, state)
-    return model
+    _wrap_forward(model, image_token_id, state, _video_token_ids(model, kind))
+    return outer
 
 
-try:  # make attn_implementation="llavit" available as soon as this module is imported
-    register_llavit_attention()
-except Exception:  # pragma: no cover - transformers missing or too old
-    pass
+def from_pretrained(model_class, path: Union[str, os.PathLike], *args, **kwargs) -> nn.Module:
+    """Load a checkpoint saved from a converted model and convert it again, image weights included.
+
+    ``from_pretrained(LlavaForConditionalGeneration, "ckpt", torch_dtype=torch.bfloat16)`` is
+    ``model_class.from_pretrained(path, *args, **kwargs)`` followed by :func:`apply_llavit` with the
+    saved settings (``config.llavit``) and the image q/k/v read from ``path``. A checkpoint without
+    ``config.llavit`` (a stock model) is converted fresh (image weights = copies of the text ones).
+    """
+    model = model_class.from_pretrained(path, *args, **kwargs)
+    saved = getattr(model.config, "llavit", None)
+    local = _local_checkpoint_dir(os.fspath(path))
+    weights = local if (isinstance(saved, dict) and saved.get("separate_image_qkv", True) and local) else "auto"
+    if not isinstance(saved, dict):
+        weights = None
+    return apply_llavit(model, weights=weights)
+
+
+# ---------------------------------------------------------------------------- plain loads of converted checkpoints
+_LOAD_GUARD = "_llavit_load_guard"
+
+
+def _remove_load_guard(model: nn.Module) -> None:
+    for module in model.modules():
+        hook_id = module.__dict__.pop(_LOAD_GUARD, None)
+        if hook_id is not None:  # by id on this module's own dicts (a deep copy shares no handle)
+            module._forward_pre_hooks.pop(hook_id, None)
+            module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+
+
+def _guard_hook(module, args, kwargs):
+    config = module.config
+    if _LOAD_GUARD in module.__dict__:
+        _remove_load_guard(module)
+        if "_llavit_state" not in module.__dict__:
+            warnings.warn(
+                f"{type(module).__name__}: this model was loaded from a LLaViT-converted checkpoint (config.llavit = "
+                f"{config.llavit}) without converting it: its image q/k/v weights were dropped and image tokens "
+                "run through the text weights with a causal mask, so outputs differ from the trained model. Load it "
+                "with llavit_kernels.integrations.from_pretrained(ModelClass, path) or call apply_llavit(model) after "
+                "loading.", UserWarning, stacklevel=2,
+            )
+    return None
+
+
+def _install_load_guard() -> None:
+    """Make every transformers model built from a config that records a LLaViT conversion warn on its
+    first forward unless it was converted (``post_init`` runs in every model's constructor, also in
+    ``from_pretrained``). Installed once when this module is imported; a plain model pays nothing."""
+    from transformers import PreTrainedModel
+
+    if getattr(PreTrainedModel.post_init, "_llavit_guard", False):
+        return
+    original = PreTrainedModel.post_init
+
+    @functools.wraps(original)
+    def post_init(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        config = getattr(self, "config", None)
+        if isinstance(getattr(config, "llavit", None), dict) and _LOAD_GUARD not in self.__dict__:
+            self.__dict__[_LOAD_GUARD] = self.register_forward_pre_hook(_guard_hook, with_kwargs=True).id
+        return result
+
+    post_init._llavit_guard = True
+    PreTrainedModel.post_init = post_init
+
+
+register_llavit_attention()  # attn_implementation="llavit" is available as soon as this module is imported
+_install_load_guard()

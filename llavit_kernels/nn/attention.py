@@ -6,13 +6,14 @@ weights (text or image) and the attention mask, so the two cannot disagree.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..layout import SpanLayout
-from ..ops import modality_qkv, span_attention
+from ..ops import apply_rotary, modality_qkv, span_attention
 
 __all__ = ["LlavitAttention", "LlavitKVCache", "causal_mask_layout"]
 
@@ -96,6 +97,118 @@ def _rope_theta(config) -> float:
     return float(getattr(config, "rope_theta", 10000.0))
 
 
+def base_linear(module: nn.Module) -> Optional[nn.Linear]:
+    """The ``nn.Linear`` holding the frozen base weight of a projection: the module itself, or the one
+    a wrapper (a PEFT LoRA layer's ``base_layer``, a ``ModulesToSaveWrapper``'s original) wraps; None
+    when there is none."""
+    for _ in range(8):  # wrappers of wrappers, bounded
+        if isinstance(module, nn.Linear):
+            return module
+        if hasattr(module, "get_base_layer"):
+            inner = module.get_base_layer()
+        else:
+            inner = getattr(module, "base_layer", None) or getattr(module, "original_module", None)
+        if inner is None or inner is module:
+            return None
+        module = inner
+    return None
+
+
+def _is_peft(module: nn.Module, *parts: str) -> bool:
+    name = type(module).__module__
+    return name.startswith("peft.") and all(p in name for p in parts)
+
+
+def projection_plan(module: nn.Module):
+    """How a q/k/v projection runs inside the fused routed op.
+
+    Returns ``(linear, terms)``: the plain ``nn.Linear`` whose weight goes into the fused GEMM and the
+    low-rank terms ``(lora_A, lora_B, dropout, scaling)`` to add to its output (PEFT LoRA, the active
+    adapters), or None when the module must be called as it is (any other wrapper, a LoRA variant such
+    as DoRA, a LoRA layer with forward hooks or a mixed-adapter batch). Reads only Python attributes.
+    """
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None  # hooks (e.g. PEFT's per-call adapter_names) must see the call
+    if type(module) is nn.Linear:
+        return module, ()
+    if _is_peft(module) and hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+        active = list(module.active_adapters)
+        if module.disable_adapters or not active or any(a not in module._adapters for a in active):
+            inner = module.original_module
+        else:
+            inner = module.modules_to_save[active[0]]
+        return projection_plan(inner)
+    if _is_peft(module, "lora") and hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+        base = module.base_layer
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        if module.merged:
+            # enabled: peft runs the base layer alone; disabled: peft unmerges first (let it)
+            return None if module.disable_adapters else (base, ())
+        if module.disable_adapters:
+            return base, ()
+        terms = []
+        for name in module.active_adapters:
+            if name not in module.lora_A:
+                continue
+            if name in getattr(module, "lora_variant", {}):
+                return None  # DoRA & co: their own forward
+            terms.append((module.lora_A[name], module.lora_B[name], module.lora_dropout[name], module.scaling[name]))
+        return base, tuple(terms)
+    return None
+
+
+def _low_rank_delta(x: torch.Tensor, plans) -> Optional[torch.Tensor]:
+    """Sum of the low-rank terms of a group of projections, concatenated like their outputs; None if none."""
+    if not any(terms for _, terms in plans):
+        return None
+    parts = []
+    for linear, terms in plans:
+        delta = None
+        for lora_a, lora_b, dropout, scaling in terms:
+            xa = x if torch.is_autocast_enabled(x.device.type) else x.to(lora_a.weight.dtype)
+            term = lora_b(lora_a(dropout(xa))) * scaling
+            delta = term if delta is None else delta + term
+        parts.append(delta if delta is not None else x.new_zeros(*x.shape[:-1], linear.out_features))
+    dtype = torch.promote_types(x.dtype, parts[0].dtype)
+    return torch.cat([p.to(dtype) for p in parts], dim=-1)
+
+
+def _image_copy(module: nn.Module) -> nn.Module:
+    """The image copy of a text projection: a new ``nn.Linear`` with the same weights and
+    ``requires_grad`` flags, or a deep copy of a wrapper (PEFT adapters included)."""
+    if type(module) is not nn.Linear:
+        import copy
+
+        return copy.deepcopy(module)
+    new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                    device=module.weight.device, dtype=module.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(module.weight)
+        if module.bias is not None:
+            new.bias.copy_(module.bias)
+    new.weight.requires_grad_(module.weight.requires_grad)
+    if module.bias is not None:
+        new.bias.requires_grad_(module.bias.requires_grad)
+    return new
+
+
+_UNFUSED_WARNED = set()
+
+
+def _warn_unfused(owner: str, modules) -> None:
+    kinds = tuple(sorted({type(m).__name__ for m in modules}))
+    if kinds in _UNFUSED_WARNED:
+        return
+    _UNFUSED_WARNED.add(kinds)
+    warnings.warn(
+        f"{owner}: q/k/v projections of type {', '.join(kinds)} cannot run inside the fused routed projection "
+        "(only nn.Linear and PEFT LoRA layers can), so they are called as modules: both the text and the "
+        "image projections run on every token and torch.where picks per token (correct, about twice the "
+        "projection cost). Shown once per kind.", stacklevel=3,
+    )
+
+
 class LlavitAttention(nn.Module):
     """Attention of a LLaViT decoder layer (arXiv 2511.10301).
 
@@ -115,6 +228,12 @@ class LlavitAttention(nn.Module):
         bidirectional_image: False makes attention fully causal (ablation); routing is unchanged.
         rope_theta: base of the rotary embedding used when ``position_embeddings`` is not given.
         layer_idx: index of the layer (used by Hugging Face caches).
+        fused_qkv: one ``qkv_proj`` (rows q | k | v, Phi-3's layout) instead of three projections; the
+            image copy is ``qkv_proj_image``.
+
+    q/k/v may be PEFT LoRA layers (wrapping the ``nn.Linear``): their base weights still run in the
+    fused routed projection and each modality adds its own adapters' low-rank terms (see
+    :meth:`project_qkv`).
     """
 
     def __init__(
@@ -129,6 +248,7 @@ class LlavitAttention(nn.Module):
         bidirectional_image: bool = True,
         rope_theta: float = 10000.0,
         layer_idx: Optional[int] = None,
+        fused_qkv: bool = False,
         device=None,
         dtype=None,
     ):
@@ -165,51 +285,67 @@ class LlavitAttention(nn.Module):
         self.cache_fused_weights = True  # reuse the concatenated q|k|v weights in inference (see _fused_weights)
         factory = {"device": device, "dtype": dtype}
         q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
-        self.q_proj = nn.Linear(hidden_size, q_out, bias=qkv_bias, **factory)
-        self.k_proj = nn.Linear(hidden_size, kv_out, bias=qkv_bias, **factory)
-        self.v_proj = nn.Linear(hidden_size, kv_out, bias=qkv_bias, **factory)
+        self.fused_qkv = bool(fused_qkv)
+        if self.fused_qkv:  # Phi-3 style: one qkv_proj whose rows are q | k | v
+            self.qkv_proj = nn.Linear(hidden_size, q_out + 2 * kv_out, bias=qkv_bias, **factory)
+        else:
+            self.q_proj = nn.Linear(hidden_size, q_out, bias=qkv_bias, **factory)
+            self.k_proj = nn.Linear(hidden_size, kv_out, bias=qkv_bias, **factory)
+            self.v_proj = nn.Linear(hidden_size, kv_out, bias=qkv_bias, **factory)
         self.o_proj = nn.Linear(q_out, hidden_size, bias=o_bias, **factory)
         if self.separate_image_qkv:
-            self.q_proj_image = nn.Linear(hidden_size, q_out, bias=qkv_bias, **factory)
-            self.k_proj_image = nn.Linear(hidden_size, kv_out, bias=qkv_bias, **factory)
-            self.v_proj_image = nn.Linear(hidden_size, kv_out, bias=qkv_bias, **factory)
+            if self.fused_qkv:
+                self.qkv_proj_image = nn.Linear(hidden_size, q_out + 2 * kv_out, bias=qkv_bias, **factory)
+            else:
+                self.q_proj_image = nn.Linear(hidden_size, q_out, bias=qkv_bias, **factory)
+                self.k_proj_image = nn.Linear(hidden_size, kv_out, bias=qkv_bias, **factory)
+                self.v_proj_image = nn.Linear(hidden_size, kv_out, bias=qkv_bias, **factory)
             self.init_image_from_text()
 
     # ------------------------------------------------------------------ weights
+    @property
+    def text_projection_names(self) -> Tuple[str, ...]:
+        return ("qkv_proj",) if self.fused_qkv else ("q_proj", "k_proj", "v_proj")
+
+    @property
+    def image_projection_names(self) -> Tuple[str, ...]:
+        """Names of the image q/k/v modules (empty without ``separate_image_qkv``)."""
+        if not self.separate_image_qkv:
+            return ()
+        return tuple(name + "_image" for name in self.text_projection_names)
+
+    def _qkv_modules(self):
+        text = tuple(getattr(self, name) for name in self.text_projection_names)
+        image = tuple(getattr(self, name) for name in self.image_projection_names) or text
+        return text, image
+
     @torch.no_grad()
     def init_image_from_text(self) -> None:
-        """Copy the text q/k/v weights (and biases) into the image ones (the paper's initialisation)."""
-        if not self.separate_image_qkv:
-            return
-        for name in ("q_proj", "k_proj", "v_proj"):
-            text, image = getattr(self, name), getattr(self, name + "_image")
+        """Copy the text q/k/v weights (and biases) into the image ones (the paper's initialisation).
+
+        With wrapped projections (PEFT), the base weights are copied; adapters are left alone."""
+        for text_name, image_name in zip(self.text_projection_names, self.image_projection_names):
+            text, image = base_linear(getattr(self, text_name)), base_linear(getattr(self, image_name))
+            if text is None or image is None:
+                got = type(getattr(self, text_name)).__name__
+                raise TypeError(f"{text_name}: expected an nn.Linear or a wrapper of one, got {got}")
             image.weight.copy_(text.weight)
             if text.bias is not None:
                 image.bias.copy_(text.bias)
 
-    def _qkv_params(self):
-        image = ("q_proj_image", "k_proj_image", "v_proj_image") if self.separate_image_qkv else ()
-        names = ("q_proj", "k_proj", "v_proj") + image
-        for name in names:
-            # The projections are read as weights (concatenated for the fused op), never called: a
-            # wrapper such as a PEFT LoRA layer would be silently ignored, so refuse anything else.
-            if type(getattr(self, name)) is not nn.Linear:
-                raise TypeError(
-                    f"{name}: LlavitAttention reads q/k/v as plain nn.Linear weights (fused projection); got "
-                    f"{type(getattr(self, name)).__name__}. Adapters (e.g. LoRA) on q/k/v are not applied; merge them "
-                    "into the weights first, or target other modules"
-                )
-        return [p for name in names for p in (getattr(self, name).weight, getattr(self, name).bias) if p is not None]
-
-    def _fused_weights(self, dtype: Optional[torch.dtype]):
+    def _fused_weights(self, dtype: Optional[torch.dtype], text_linears=None, image_linears=None):
         """Text and image q|k|v weights (and biases) concatenated, as ``modality_qkv`` takes them.
 
-        With autograd recording, concatenated per call (gradients flow back to q_proj & co).
-        Without (inference, ``torch.no_grad``), the concatenation is kept and reused until a
-        weight changes (tracked by storage pointer and version counter), so decode steps do not copy
-        the weights every token; set ``cache_fused_weights = False`` to save that memory.
+        ``text_linears`` / ``image_linears``: the plain ``nn.Linear`` of each projection (default:
+        the projections themselves). With autograd recording a trainable weight, concatenated per
+        call (gradients flow back to q_proj & co). Otherwise (inference, or frozen base weights under
+        PEFT), the concatenation is kept and reused until a weight changes (tracked by storage pointer
+        and version counter), so decode steps do not copy the weights every token; set
+        ``cache_fused_weights = False`` to save that memory.
         """
-        params = self._qkv_params()
+        if text_linears is None:
+            text_linears, image_linears = self._qkv_modules()
+        params = [p for lin in text_linears + image_linears for p in (lin.weight, lin.bias) if p is not None]
         cacheable = (
             self.cache_fused_weights
             and not torch.compiler.is_compiling()  # a compiled graph re-derives it anyway
@@ -225,32 +361,45 @@ class LlavitAttention(nn.Module):
         else:
             self.__dict__.pop("_fused_cache", None)
 
-        def fuse(q, k, v):
-            weight = torch.cat([q.weight, k.weight, v.weight], dim=0)
-            bias = None if q.bias is None else torch.cat([q.bias, k.bias, v.bias], dim=0)
+        def fuse(linears):
+            if len(linears) == 1:
+                weight, bias = linears[0].weight, linears[0].bias
+            else:
+                weight = torch.cat([lin.weight for lin in linears], dim=0)
+                bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears], dim=0)
             if dtype is not None and weight.dtype != dtype:
                 weight = weight.to(dtype)
                 bias = None if bias is None else bias.to(dtype)
             return weight, bias
 
-        text = fuse(self.q_proj, self.k_proj, self.v_proj)
-        image = fuse(self.q_proj_image, self.k_proj_image, self.v_proj_image) if self.separate_image_qkv else text
+        text = fuse(text_linears)
+        image = fuse(image_linears) if image_linears is not text_linears else text
         if cacheable:
             self.__dict__["_fused_cache"] = (key, (text, image))
         return text, image
 
     @classmethod
     def from_attention(cls, module: nn.Module, **overrides) -> "LlavitAttention":
-        """Build from a transformers Qwen2/Llama attention module: text weights copied, image = copies.
+        """Build from a transformers attention module (Qwen2/Llama style q/k/v/o, or Phi-3 style
+        ``qkv_proj``): the text projections and ``o_proj`` are TAKEN OVER (the same module objects,
+        so ``requires_grad``, device, dtype and any PEFT wrapper stay as they are); the image ones are
+        copies of the text ones (a plain ``nn.Linear`` with the text weight's ``requires_grad``, or a
+        deep copy of a wrapper with its adapters).
 
         ``overrides`` are passed to the constructor (e.g. ``separate_image_qkv=False``,
         ``bidirectional_image=False``). The result lives on the module's device and dtype.
         """
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if not isinstance(getattr(module, name, None), nn.Linear):
+        fused = getattr(module, "qkv_proj", None) is not None and getattr(module, "q_proj", None) is None
+        names = ("qkv_proj", "o_proj") if fused else ("q_proj", "k_proj", "v_proj", "o_proj")
+        bases = {}
+        for name in names:
+            sub = getattr(module, name, None)
+            bases[name] = None if sub is None else base_linear(sub)
+            if bases[name] is None:
+                got = "without it" if sub is None else f"whose {name} is a {type(sub).__name__}"
                 raise TypeError(
-                    f"module: expected a Qwen2/Llama-style attention with nn.Linear {name}, got "
-                    f"{type(module).__name__} without it"
+                    f"module: expected an attention module with q_proj/k_proj/v_proj/o_proj (or qkv_proj/o_proj), "
+                    f"each an nn.Linear or a PEFT wrapper of one; got {type(module).__name__} {got}"
                 )
         config = getattr(module, "config", None)
         if config is None:
@@ -260,25 +409,31 @@ class LlavitAttention(nn.Module):
                 f"module: sliding-window attention (sliding_window={module.sliding_window}) is not supported by LlavitAttention"
             )
         head_dim = getattr(module, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        num_heads = config.num_attention_heads if fused else bases["q_proj"].out_features // head_dim
+        num_kv_heads = (
+            (bases["qkv_proj"].out_features // head_dim - num_heads) // 2 if fused else bases["k_proj"].out_features // head_dim
+        )
+        first = bases["qkv_proj" if fused else "q_proj"]
         kwargs = dict(
-            hidden_size=module.q_proj.in_features,
-            num_heads=module.q_proj.out_features // head_dim,
-            num_kv_heads=module.k_proj.out_features // head_dim,
+            hidden_size=first.in_features,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            qkv_bias=module.q_proj.bias is not None,
-            o_bias=module.o_proj.bias is not None,
+            qkv_bias=first.bias is not None,
+            o_bias=bases["o_proj"].bias is not None,
             rope_theta=_rope_theta(config),
             layer_idx=getattr(module, "layer_idx", None),
-            device=module.q_proj.weight.device,
-            dtype=module.q_proj.weight.dtype,
+            fused_qkv=fused,
+            device="meta",  # every parameter is replaced below: allocate nothing
+            dtype=first.weight.dtype,
         )
         kwargs.update(overrides)
         new = cls(**kwargs)
         new.scaling = float(getattr(module, "scaling", new.scaling))
-        with torch.no_grad():
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(new, name).load_state_dict(getattr(module, name).state_dict())
-        new.init_image_from_text()
+        for name in names:
+            setattr(new, name, getattr(module, name))
+        for text_name, image_name in zip(new.text_projection_names, new.image_projection_names):
+            setattr(new, image_name, _image_copy(getattr(module, text_name)))
         return new
 
     # ------------------------------------------------------------------ rotary
@@ -300,14 +455,62 @@ class LlavitAttention(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def project_qkv(self, hidden_states, is_image, cos=None, sin=None):
-        """Modality-routed q, k, v in the attention layout ``[..., T, H(kv), D]`` with RoPE applied."""
-        dtype = None
+        """Modality-routed q, k, v in the attention layout ``[..., T, H(kv), D]`` with RoPE applied.
+
+        Plain ``nn.Linear`` projections: one fused routed op (RoPE in its epilogue). PEFT LoRA layers:
+        the same fused op on their base weights, plus each modality's low-rank terms (text tokens get
+        the text projections' adapters, image tokens the image ones'), then RoPE. Per-head q/k norms
+        (``q_norm``/``k_norm`` submodules, as Qwen3 has) are applied before RoPE. Any other wrapper is
+        called as a module (unfused, warned once).
+        """
         if torch.is_autocast_enabled(hidden_states.device.type):
-            dtype = torch.get_autocast_dtype(hidden_states.device.type)
-            hidden_states = hidden_states.to(dtype)
-        (w_t, b_t), (w_i, b_i) = self._fused_weights(hidden_states.dtype)
-        return modality_qkv(hidden_states, is_image, w_t, b_t, w_i, b_i, self.num_heads, self.num_kv_heads, cos, sin,
-                            backend=self.backend)
+            hidden_states = hidden_states.to(torch.get_autocast_dtype(hidden_states.device.type))
+        text_modules, image_modules = self._qkv_modules()
+        text_plans = [projection_plan(m) for m in text_modules]
+        image_plans = text_plans if image_modules is text_modules else [projection_plan(m) for m in image_modules]
+        qk_norm = getattr(self, "q_norm", None) is not None
+        lead = hidden_states.shape[:-1]
+        if any(p is None for p in text_plans + image_plans):
+            _warn_unfused(type(self).__name__, [m for m, p in zip(text_modules + image_modules, text_plans + image_plans)
+                                                if p is None])
+            y_text = torch.cat([m(hidden_states) for m in text_modules], dim=-1)
+            y_image = y_text if image_modules is text_modules else torch.cat([m(hidden_states) for m in image_modules], dim=-1)
+            y = torch.where(is_image[..., None], y_image, y_text)
+            q, k, v = y.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                               self.num_kv_heads * self.head_dim], dim=-1)
+            q = q.reshape(*lead, self.num_heads, self.head_dim)
+            k = k.reshape(*lead, self.num_kv_heads, self.head_dim)
+            v = v.reshape(*lead, self.num_kv_heads, self.head_dim)
+            return self._finish_qk(q, k, v, cos, sin, qk_norm)
+        text_linears = tuple(p[0] for p in text_plans)
+        image_linears = text_linears if image_plans is text_plans else tuple(p[0] for p in image_plans)
+        (w_t, b_t), (w_i, b_i) = self._fused_weights(hidden_states.dtype, text_linears, image_linears)
+        delta_text = _low_rank_delta(hidden_states, text_plans)
+        delta_image = delta_text if image_plans is text_plans else _low_rank_delta(hidden_states, image_plans)
+        if delta_text is None and delta_image is None and not qk_norm:
+            return modality_qkv(hidden_states, is_image, w_t, b_t, w_i, b_i, self.num_heads, self.num_kv_heads, cos, sin,
+                                backend=self.backend)
+        q, k, v = modality_qkv(hidden_states, is_image, w_t, b_t, w_i, b_i, self.num_heads, self.num_kv_heads,
+                               backend=self.backend)
+        if delta_text is not None or delta_image is not None:
+            if delta_image is delta_text:
+                delta = delta_text
+            else:
+                delta = torch.where(is_image[..., None], 0.0 if delta_image is None else delta_image,
+                                    0.0 if delta_text is None else delta_text)
+            d_q, d_k, d_v = delta.to(q.dtype).split(
+                [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1)
+            q = q + d_q.reshape(q.shape)
+            k = k + d_k.reshape(k.shape)
+            v = v + d_v.reshape(v.shape)
+        return self._finish_qk(q, k, v, cos, sin, qk_norm)
+
+    def _finish_qk(self, q, k, v, cos, sin, qk_norm):
+        if qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q.contiguous(), k.contiguous(), v.contiguous()
 
     def attend(self, q, k, v, layout: SpanLayout) -> torch.Tensor:
         mask_layout = layout if self.bidirectional_image else causal_mask_layout(layout)
@@ -401,4 +604,5 @@ class LlavitAttention(nn.Module):
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"separate_image_qkv={self.separate_image_qkv}, bidirectional_image={self.bidirectional_image}"
+            + (", fused_qkv=True" if self.fused_qkv else "")
         )
