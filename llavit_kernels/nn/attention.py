@@ -300,7 +300,9 @@ class LlavitAttention(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def project_qkv(self, hidden_states, is_image, cos=None, sin=None):
-        """Modality-routed q, k, v in the attention layout ``[..., T, H(kv), D]`` with RoPE applied."""
+        """Modality-routed q, k, v in the attention layout ``[..., T, H(kv), D]`` with RoPE applied.
+
+        ``is_image``: the SpanLayout (its routing table is then built once per batch) or a bool mask."""
         dtype = None
         if torch.is_autocast_enabled(hidden_states.device.type):
             dtype = torch.get_autocast_dtype(hidden_states.device.type)
@@ -391,7 +393,8 @@ class LlavitAttention(nn.Module):
         """
         self._check_inputs(hidden_states, layout, kv_cache)
         cos, sin = self._rope_tables(hidden_states, layout, position_embeddings, position_ids)
-        q, k, v = self.project_qkv(hidden_states, layout.is_image, cos, sin)
+        # the layout itself (not its is_image): the routing table is cached on it, once for all layers
+        q, k, v = self.project_qkv(hidden_states, layout, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         out = self.attend(q, k, v, layout)

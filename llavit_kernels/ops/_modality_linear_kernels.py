@@ -1,14 +1,16 @@
 """Triton kernels of the modality-routed projection (see docs/modality_linear.md).
 
-Three kernels, all driven by one device-built tile table (``build_tile_table``, two launches):
+Four kernels, all driven by one device-built tile table (``build_tile_table``, two launches):
 
 * ``routed_mm_kernel``: ``out[m, n] = sum_k A[m, k] B_mod(m)[n, k] (+ bias_mod(m)[n])`` over tiles of
   at most ``TILE_M`` rows that never cross a modality edge. Forward (A = x, B = W) and dX
   (A = dY, B = W read transposed through its strides). ``QKV=True`` tiles the columns per head and
   writes q / k / v in the attention layout, ``ROPE=True`` also rotates q and k (rotate-half).
-* ``routed_dw_kernel``: ``dW_m = dY_m^T X_m`` and ``db_m = sum dY_m`` for both modalities, looping
-  over the tiles of one modality (no gather, no masked double work), optionally split over tokens
-  into a float32 workspace that is summed afterwards in a fixed order (deterministic).
+* ``routed_dw_kernel``: ``dW_m = dY_m^T X_m`` for both modalities, looping over the tiles of one
+  modality (no gather, no masked double work), optionally split over tokens into a float32
+  workspace that is summed afterwards in a fixed order (deterministic).
+* ``routed_db_kernel``: ``db_m = sum dY_m``, a separate register reduction over dY (never from the
+  dW kernel's shared-memory MMA operand: that was a data race, see routed_dw_kernel).
 * ``qkv_grad_kernel``: the backward of the QKV epilogue: un-rotates dq / dk and writes the fused
   ``dY [M, (H + 2 Hkv) D]`` that the two GEMM-backward kernels read.
 
@@ -52,6 +54,7 @@ def cdiv(a: int, b: int) -> int:
 # quantity is local to an aligned block except the slot numbering (text tiles first, then image
 # tiles), so the table is built by two small launches (count per window, then write), not a scan.
 TABLE_WINDOW = 1024  # tokens per program of the table kernels (a multiple of every TILE_M)
+COUNTS_CHUNK = 256  # window counts read per step by tile_write_kernel (a fixed constexpr, any M)
 
 
 def build_tile_table_torch(is_image: torch.Tensor, tile_m: int = TILE_M) -> torch.Tensor:
@@ -104,16 +107,25 @@ def _min_i32(a, b):
 
 @triton.jit(do_not_specialize=["M", "n_windows"])
 def tile_write_kernel(img_ptr, counts_ptr, table_ptr, M, n_windows,
-                      TILE_M: tl.constexpr, WINDOW: tl.constexpr, WINDOWS_P2: tl.constexpr):
+                      TILE_M: tl.constexpr, WINDOW: tl.constexpr, COUNTS_CHUNK: tl.constexpr):
     """Write the starts / ends of the tiles starting in window w, and fill window w's unused slots."""
     w = tl.program_id(0)
-    wi = tl.arange(0, WINDOWS_P2)
-    text_counts = tl.load(counts_ptr + 2 * wi, mask=wi < n_windows, other=0)
-    image_counts = tl.load(counts_ptr + 2 * wi + 1, mask=wi < n_windows, other=0)
-    n_text = tl.sum(text_counts, axis=0)
-    n_total = n_text + tl.sum(image_counts, axis=0)
-    text_before = tl.sum(tl.where(wi < w, text_counts, 0), axis=0)
-    image_before = tl.sum(tl.where(wi < w, image_counts, 0), axis=0)
+    # the per-window counts are read in fixed chunks: no constexpr depends on M, so a new batch size
+    # never compiles a new kernel (e.g. inside a CUDA-graph capture)
+    zero = tl.sum(tl.zeros((COUNTS_CHUNK,), dtype=tl.int32), axis=0)
+    n_text = zero
+    n_image = zero
+    text_before = zero
+    image_before = zero
+    for c0 in range(0, n_windows, COUNTS_CHUNK):
+        wi = c0 + tl.arange(0, COUNTS_CHUNK)
+        text_counts = tl.load(counts_ptr + 2 * wi, mask=wi < n_windows, other=0)
+        image_counts = tl.load(counts_ptr + 2 * wi + 1, mask=wi < n_windows, other=0)
+        n_text += tl.sum(text_counts, axis=0)
+        n_image += tl.sum(image_counts, axis=0)
+        text_before += tl.sum(tl.where(wi < w, text_counts, 0), axis=0)
+        image_before += tl.sum(tl.where(wi < w, image_counts, 0), axis=0)
+    n_total = n_text + n_image
 
     w0 = w * WINDOW
     i, ok, img, first = _tile_firsts(img_ptr, w0, M, TILE_M, WINDOW)
@@ -152,7 +164,7 @@ def build_tile_table(is_image: torch.Tensor, tile_m: int = TILE_M) -> torch.Tens
     table = torch.empty(tile_table_size(M), dtype=torch.int32, device=img.device)
     tile_count_kernel[(n_windows,)](img, counts, M, TILE_M=tile_m, WINDOW=TABLE_WINDOW, num_warps=4)
     tile_write_kernel[(n_windows,)](img, counts, table, M, n_windows, TILE_M=tile_m, WINDOW=TABLE_WINDOW,
-                                    WINDOWS_P2=max(_next_pow2(n_windows), 2), num_warps=4)
+                                    COUNTS_CHUNK=COUNTS_CHUNK, num_warps=4)
     return table
 
 
@@ -185,22 +197,42 @@ def gemm_configs(interpret: bool = INTERPRET):
 def dw_configs(interpret: bool = INTERPRET):
     if interpret:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    # num_stages=5: the dW loop's row addresses come from tile-table loads inside the loop, so
+    # Triton 3.6 splits the stages between the two levels of loads and keeps (5 - 1) // 2 + 1 = 3
+    # shared buffers per operand: two tiles prefetched while the MMA of a third runs (4 stages
+    # would give only 2; the static tier reads the buffers from the sm_90 TTGIR)
     return [
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=5),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=5),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=5),
         # fits float32 operands too (the 16-bit tiles above need more than 227 KB in fp32)
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=5),
     ]
+
+
+def stage_buffers(num_stages: int, indirect: bool = False) -> int:
+    """Shared buffers per pipelined operand that Triton 3.6 allocates (checked in the sm_90 TTGIR).
+
+    A loop whose load addresses are plain arithmetic gets ``num_stages`` buffers; one whose
+    addresses come from another load in the same loop (``indirect``: the dW kernel's tile table)
+    shares the stages between the two levels: ``(num_stages - 1) // 2 + 1``.
+    """
+    return (num_stages - 1) // 2 + 1 if indirect else num_stages
+
+
+def dw_config_allowed(config, split: int) -> bool:
+    """The 128x128 dW tile with float32 split partials makes ptxas serialise its wgmma (C7515, static tier)."""
+    return split == 1 or config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"] < 128 * 128
 
 
 # Shared memory per block on sm_90 is 227 KB; keep a margin for the epilogue's layout conversions.
 SMEM_BUDGET = 200 * 1024
 
 
-def _fits(configs, element_size, operand_elems, fallback_key):
+def _fits(configs, element_size, operand_elems, fallback_key, indirect=False):
     """Configs whose pipelined operand buffers fit in shared memory (or the smallest one)."""
-    fitting = [c for c in configs if c.num_stages * operand_elems(c) * element_size <= SMEM_BUDGET]
+    fitting = [c for c in configs
+               if stage_buffers(c.num_stages, indirect) * operand_elems(c) * element_size <= SMEM_BUDGET]
     return fitting or [min(configs, key=fallback_key)]
 
 
@@ -218,8 +250,10 @@ def prune_dw_configs(configs, named_args, **kwargs):
         return configs
     bm = kwargs.get("BLOCK_M", TILE_M)
     el = named_args["dy_ptr"].element_size()
-    return _fits(configs, el, lambda c: bm * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]),
-                 lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.num_stages)
+    split = kwargs.get("SPLIT", named_args.get("SPLIT", 1))
+    allowed = [c for c in configs if dw_config_allowed(c, split)] or configs
+    return _fits(allowed, el, lambda c: bm * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]),
+                 lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.num_stages, indirect=True)
 
 
 GEMM_CONFIGS = gemm_configs()
@@ -358,40 +392,21 @@ def routed_mm_kernel(
             tl.store(ptrs, acc.to(out_dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
-# ----------------------------------------------------------------------------- dW / db kernel
-@triton.jit
-def _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, first, last, step, cols_n, cols_k, n_ok, k_ok,
-              WITH_DB: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    rm = tl.arange(0, BLOCK_M)
-    for j in range(first, last, step):
-        row_start = tl.load(table_ptr + j)
-        row_end = tl.load(table_ptr + M + 1 + j)
-        rows = row_start + rm
-        row_ok = rows < row_end
-        rows64 = rows.to(tl.int64)
-        dyt = tl.load(dy_ptr + rows64[None, :] * N + cols_n[:, None], mask=n_ok[:, None] & row_ok[None, :], other=0.0)
-        xt = tl.load(x_ptr + rows64[:, None] * K + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            dyt = dyt.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(dyt, xt, acc, input_precision=DOT_PRECISION)
-        if WITH_DB:
-            db += tl.sum(dyt.to(tl.float32), axis=1)
-    return acc, db
-
-
+# ----------------------------------------------------------------------------- dW kernel
+# dW only: the bias gradient is NOT summed here from the dY tile. That tile is a wgmma operand held
+# in shared memory; reading it into registers for a sum made Triton 3.6 keep it in ONE buffer that
+# the next cp.async overwrote while a wgmma still read it (a data race, Triton issue 6691). The
+# static tier checks every async-wgmma operand's buffer count (tests/test_modality_linear_static.py).
 @triton.autotune(configs=DW_CONFIGS, key=["N", "K", "SPLIT"],
                  prune_configs_by={"early_config_prune": prune_dw_configs})
 @triton.jit(do_not_specialize=["M"])
 def routed_dw_kernel(
-    dy_ptr, x_ptr, table_ptr, dwt_ptr, dwi_ptr, dbt_ptr, dbi_ptr,
+    dy_ptr, x_ptr, table_ptr, dwt_ptr, dwi_ptr,
     M, N, K,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """``dW_m = dY_m^T X_m`` over the tiles of modality m (program axis 1: modality x split)."""
     pid = tl.program_id(0)
     n_k_tiles = tl.cdiv(K, BLOCK_K)
     pid_n = pid // n_k_tiles
@@ -407,17 +422,55 @@ def routed_dw_kernel(
     cols_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = cols_n < N
     k_ok = cols_k < K
-    if pid_k == 0:
-        acc, db = _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, lo + split, hi, SPLIT, cols_n, cols_k, n_ok, k_ok,
-                            True, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        db_ptr = tl.where(modality == 1, dbi_ptr, dbt_ptr) + split * N
-        tl.store(db_ptr + cols_n, db.to(dbt_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        acc, db = _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, lo + split, hi, SPLIT, cols_n, cols_k, n_ok, k_ok,
-                            False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for j in range(lo + split, hi, SPLIT):
+        row_start = tl.load(table_ptr + j)
+        row_end = tl.load(table_ptr + M + 1 + j)
+        rows = row_start + rm
+        row_ok = rows < row_end
+        rows64 = rows.to(tl.int64)
+        dyt = tl.load(dy_ptr + rows64[None, :] * N + cols_n[:, None], mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + rows64[:, None] * K + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(dyt, xt, acc, input_precision=DOT_PRECISION)
     dw_ptr = tl.where(modality == 1, dwi_ptr, dwt_ptr) + split.to(tl.int64) * N * K
     out = dw_ptr + cols_n.to(tl.int64)[:, None] * K + cols_k[None, :]
     tl.store(out, acc.to(dwt_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- db kernel
+DB_BLOCK_N = 128  # columns per program of the bias-gradient reduction (registers only, no MMA)
+DB_BLOCK_N_INTERPRET = 16
+
+
+@triton.jit(do_not_specialize=["M", "N"])
+def routed_db_kernel(dy_ptr, table_ptr, dbt_ptr, dbi_ptr, M, N,
+                     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``db_m = sum over the tiles of modality m of dY`` (its own pass over dY: see routed_dw_kernel)."""
+    pid_n = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    modality = pid1 // SPLIT
+    split = pid1 % SPLIT
+    n_text = tl.load(table_ptr + 2 * M + 2)
+    n_tiles = tl.load(table_ptr + 2 * M + 3)
+    lo = tl.where(modality == 1, n_text, 0)
+    hi = tl.where(modality == 1, n_tiles, n_text)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rm = tl.arange(0, BLOCK_M)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(lo + split, hi, SPLIT):
+        row_start = tl.load(table_ptr + j)
+        row_end = tl.load(table_ptr + M + 1 + j)
+        rows = row_start + rm
+        tile = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :],
+                       mask=(rows < row_end)[:, None] & col_ok[None, :], other=0.0)
+        db += tl.sum(tile.to(tl.float32), axis=0)
+    db_ptr = tl.where(modality == 1, dbi_ptr, dbt_ptr) + split * N
+    tl.store(db_ptr + cols, db.to(dbt_ptr.dtype.element_ty), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------- QKV backward prologue
