@@ -237,7 +237,7 @@ def bench_backward_parts(case, is_image, device, dtype, smoke):
     x, w_t, _, w_i, _ = make_linear_inputs(B, T, K, N, device, dtype, False)
     x2 = x.reshape(M, K)
     dy = torch.randn(M, N, device=device, dtype=dtype)
-    table = mlt.ml_tile_table(is_image.reshape(-1))
+    table = mlt.ml_token_order(is_image.reshape(-1))
     shape = {"case": case["name"], "share": round(float(is_image.float().mean()), 3), "M": M, "K": K, "N": N}
     flops = 2.0 * M * K * N
     jobs = (

@@ -45,7 +45,8 @@ STAGES="${STAGES:-tests attention modality layer}"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 if want tests; then
   if python -c "import pytest, hypothesis" 2>/dev/null; then
-    # not -x: one failure must not hide the others
+    # not -x: one failure must not hide the others. tests/test_modality_linear_triton.py includes the
+    # 20-run bitwise dW/db test of every dW config (the race the static tier now guards against)
     run 150 "CUDA correctness tests" python -m pytest -q -p no:cacheprovider \
       --junitxml="$OUT/work/junit.xml" \
       tests/test_span_attention_triton.py tests/test_modality_linear_triton.py tests/test_reference_ops.py \

@@ -60,7 +60,7 @@ def _db_job(dtype, split):
     sig = dict(dy_ptr=DTYPES[dtype], table_ptr="*i32", M="i32", N="i32")
     sig.update(dbt_ptr="*fp32" if split > 1 else DTYPES[dtype], dbi_ptr="*fp32" if split > 1 else DTYPES[dtype])
     consts = dict(SPLIT=split, BLOCK_M=kern.TILE_M_GPU, BLOCK_N=kern.DB_BLOCK_N)
-    return dict(kernel=kern.routed_db_kernel, signature=sig, constexprs=consts, num_warps=4, num_stages=3,
+    return dict(kernel=kern.routed_db_kernel, signature=sig, constexprs=consts, num_warps=kern.DB_NUM_WARPS, num_stages=3,
                 divisible_by_16=ptrs, _id=f"db-split{split}-{dtype}")
 
 
@@ -74,15 +74,14 @@ def _grad_job(dtype, rope):
 
 
 def _table_jobs():
-    common = dict(TILE_M=kern.TILE_M_GPU, WINDOW=kern.TABLE_WINDOW)
     return [
-        dict(kernel=kern.tile_count_kernel, signature=dict(img_ptr="*u8", counts_ptr="*i32", M="i32"),
-             constexprs=common, num_warps=4, num_stages=1, divisible_by_16=["img_ptr", "counts_ptr"],
-             _id="tile_count"),
-        dict(kernel=kern.tile_write_kernel,
-             signature=dict(img_ptr="*u8", counts_ptr="*i32", table_ptr="*i32", M="i32", n_windows="i32"),
-             constexprs=dict(common, COUNTS_CHUNK=kern.COUNTS_CHUNK), num_warps=4, num_stages=1,
-             divisible_by_16=["img_ptr", "counts_ptr", "table_ptr"], _id="tile_write"),
+        dict(kernel=kern.order_count_kernel, signature=dict(img_ptr="*u8", counts_ptr="*i32", M="i32"),
+             constexprs=dict(WINDOW=kern.TABLE_WINDOW), num_warps=4, num_stages=1,
+             divisible_by_16=["img_ptr", "counts_ptr"], _id="order_count"),
+        dict(kernel=kern.order_write_kernel,
+             signature=dict(img_ptr="*u8", counts_ptr="*i32", order_ptr="*i32", M="i32", n_windows="i32"),
+             constexprs=dict(WINDOW=kern.TABLE_WINDOW, COUNTS_CHUNK=kern.COUNTS_CHUNK), num_warps=4, num_stages=1,
+             divisible_by_16=["img_ptr", "counts_ptr", "order_ptr"], _id="order_write"),
     ]
 
 

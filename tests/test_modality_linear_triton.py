@@ -154,62 +154,55 @@ def check_linear(is_image, x, w_t, b_t, w_i, b_i, dtype, backend="triton"):
         assert_close_to_f64(a, b, c, dtype, name)
 
 
-# ----------------------------------------------------------------------------- tile table
-def _check_table(is_image: torch.Tensor, tm: int):
+# ----------------------------------------------------------------------------- token order
+def _check_order(is_image: torch.Tensor, tm: int = TM):
     M = is_image.numel()
-    table_t = kern.build_tile_table(is_image, tm)  # the Triton builder (two launches)
-    assert torch.equal(table_t, kern.build_tile_table_torch(is_image, tm)), "Triton and torch tile tables differ"
-    table = table_t.tolist()
-    starts, ends = table[: M + 1], table[M + 1: 2 * M + 2]
-    n_text, n_total = table[2 * M + 2], table[2 * M + 3]
-    runs = 1 + int((is_image[1:] != is_image[:-1]).sum()) if M else 0
-    assert n_total <= min(M, -(-M // tm) + runs)
-    assert n_total <= M + 1 and len(table) == kern.tile_table_size(M)
-    covered = torch.zeros(M, dtype=torch.int64)
-    for j in range(n_total):
-        s, e = starts[j], ends[j]
-        assert 0 <= s < e <= M and e - s <= tm, (j, s, e)
-        seg = is_image[s:e]
-        assert bool((seg == seg[0]).all()), f"tile {j} [{s},{e}) crosses a modality edge"
-        assert bool(seg[0]) == (j >= n_text), f"tile {j}: modality order (text tiles first)"
-        covered[s:e] += 1
-    assert bool((covered == 1).all()), "tiles must partition the tokens"
-    assert all(s == M and e == M for s, e in zip(starts[n_total:], ends[n_total:])), "unused slots are empty"
+    table_t = kern.build_order(is_image)  # the Triton builder (two launches)
+    assert torch.equal(table_t, kern.build_order_torch(is_image)), "Triton and torch order tables differ"
+    assert len(table_t) == kern.order_table_size(M)
+    order, n_text = table_t[:M].long(), int(table_t[M])
+    img = is_image.reshape(-1)
+    assert n_text == int((~img).sum())
+    assert torch.equal(torch.sort(order).values, torch.arange(M)), "not a permutation of the tokens"
+    assert not bool(img[order[:n_text]].any()) and bool(img[order[n_text:]].all()), "text first, then image"
+    assert bool((order[1:n_text] > order[:n_text - 1]).all()) if n_text > 1 else True, "text in token order"
+    assert bool((order[n_text + 1:] > order[n_text:-1]).all()) if M - n_text > 1 else True, "image in token order"
+    # at most two partial tiles, whatever the number of runs: cdiv(M) + 1 tiles at most
+    tiles = -(-n_text // tm) + -(-(M - n_text) // tm)
+    assert tiles <= kern.slots_for(M, tm) and tiles <= -(-M // tm) + 1
 
 
 @pytest.mark.parametrize("name", list(named_layouts(4)))
-@pytest.mark.parametrize("tm", [4, TM])
-def test_tile_table_named(name, tm):
-    M, spans = named_layouts(tm)[name]
-    _check_table(mask_from_runs(M, spans), tm)
+def test_order_named(name):
+    M, spans = named_layouts(TM)[name]
+    _check_order(mask_from_runs(M, spans))
 
 
 @settings(max_examples=60)
-@given(st.lists(st.booleans(), min_size=1, max_size=90), st.sampled_from([1, 2, 4, 16]))
-def test_tile_table_fuzz(bits, tm):
-    _check_table(torch.tensor(bits, dtype=torch.bool), tm)
+@given(st.lists(st.booleans(), min_size=1, max_size=90))
+def test_order_fuzz(bits):
+    _check_order(torch.tensor(bits, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("M", [1023, 1024, 1025, 2 * 1024 + 77])
-def test_tile_table_across_windows(M):
+def test_order_across_windows(M):
     # the Triton builder works in windows of TABLE_WINDOW tokens: runs crossing window edges
     assert kern.TABLE_WINDOW == 1024
     is_image = torch.zeros(M, dtype=torch.bool, device=DEV)
     is_image[1000:1030] = True
     is_image[M - 5:] = True
     is_image[2040:2050] = True
-    for tm in (TM, 128):
-        _check_table(is_image, tm)
+    _check_order(is_image)
 
 
-def test_tile_table_counts_read_in_chunks(monkeypatch):
-    # tile_write_kernel reads the per-window counts COUNTS_CHUNK at a time: many chunks here
+def test_order_counts_read_in_chunks(monkeypatch):
+    # order_write_kernel reads the per-window counts COUNTS_CHUNK at a time: many chunks here
     monkeypatch.setattr(kern, "COUNTS_CHUNK", 2)
     M = 5 * kern.TABLE_WINDOW + 77
     is_image = torch.zeros(M, dtype=torch.bool, device=DEV)
     for s in range(300, M, 900):
         is_image[s:s + 200] = True
-    _check_table(is_image, TM)
+    _check_order(is_image)
 
 
 class _ConstexprSpy:
@@ -226,18 +219,18 @@ def test_table_kernels_compile_once_for_every_batch_size(monkeypatch):
     # a new token count must not need a new compile (e.g. a new batch size inside a CUDA-graph
     # capture): no constexpr of the table kernels depends on M, and M / n_windows are not specialised
     calls = []
-    for name in ("tile_count_kernel", "tile_write_kernel"):
+    for name in ("order_count_kernel", "order_write_kernel"):
         monkeypatch.setattr(kern, name, _ConstexprSpy(name, calls))
     for M in (1, 5, 1000, 3000, 70_000, 2_000_000):
-        kern.build_tile_table(torch.zeros(M, dtype=torch.bool), 128)
+        kern.build_order(torch.zeros(M, dtype=torch.bool))
     by_kernel = {}
     for name, consts in calls:
         by_kernel.setdefault(name, []).append(consts)
     for name, seen in by_kernel.items():
         assert all(c == seen[0] for c in seen), f"{name}: constexprs change with M: {seen}"
     monkeypatch.undo()
-    assert set(kern.tile_write_kernel.kwargs["do_not_specialize"]) >= {"M", "n_windows"}
-    assert "M" in kern.tile_count_kernel.kwargs["do_not_specialize"]
+    assert set(kern.order_write_kernel.kwargs["do_not_specialize"]) >= {"M", "n_windows"}
+    assert "M" in kern.order_count_kernel.kwargs["do_not_specialize"]
 
 
 # ----------------------------------------------------------------------------- modality_linear (interpreter)
@@ -349,8 +342,8 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
         guards.pop()
 
     monkeypatch.setattr(mlt, "_on_device", spy_guard)
-    names = ["routed_mm_kernel", "routed_dw_kernel", "routed_db_kernel", "qkv_grad_kernel", "tile_count_kernel",
-             "tile_write_kernel"]
+    names = ["routed_mm_kernel", "routed_dw_kernel", "routed_db_kernel", "qkv_grad_kernel", "order_count_kernel",
+             "order_write_kernel"]
     for name in names:
         monkeypatch.setattr(kern, name, _LaunchSpy(getattr(kern, name), name, guards, launches))
     M, spans = named_layouts(TM)["mixed"]
@@ -690,8 +683,8 @@ def _opcheck_inputs():
 
 def test_opcheck_linear():
     is_image, x, w_t, b_t, w_i, b_i = _opcheck_inputs()
-    table = mlt.ml_tile_table(is_image)
-    torch.library.opcheck(mlt.ml_tile_table, (is_image,))
+    table = mlt.ml_token_order(is_image)
+    torch.library.opcheck(mlt.ml_token_order, (is_image,))
     torch.library.opcheck(mlt.ml_linear, (x, table, w_t, b_t, w_i, b_i))
     torch.library.opcheck(mlt.ml_linear, (x, table, w_t, None, w_i, b_i))
     dy = torch.randn(x.shape[0], 24, device=DEV)
@@ -701,7 +694,7 @@ def test_opcheck_linear():
 
 def test_opcheck_qkv():
     is_image, x, w_t, b_t, w_i, b_i = _opcheck_inputs()
-    table = mlt.ml_tile_table(is_image)
+    table = mlt.ml_token_order(is_image)
     H, Hkv, D = 2, 1, 6
     cos, sin = rope_tables(x.shape[0], D)
     torch.library.opcheck(mlt.ml_qkv, (x, table, w_t, b_t, w_i, b_i, cos, sin, H, Hkv))
@@ -776,7 +769,7 @@ def test_gpu_dw_db_bitwise_repeatable_every_config():
     N, K = 384, 320
     dy = torch.randn(M, N, generator=g).to(GPU, torch.bfloat16)
     x = torch.randn(M, K, generator=g).to(GPU, torch.bfloat16)
-    table = mlt.ml_tile_table(is_image)
+    table = mlt.ml_token_order(is_image)
     m = is_image[:, None].double()
     ref = [(dy.double() * (1 - m)).T @ x.double(), (dy.double() * m).T @ x.double(),
            (dy.double() * (1 - m)).sum(0), (dy.double() * m).sum(0)]

@@ -2,7 +2,7 @@
 
 Ops (namespace ``llavit``), all functional (fresh outputs, no input mutation)::
 
-    ml_tile_table(is_image)                                  -> int32 table   (no grad)
+    ml_token_order(is_image)                                 -> int32 table   (no grad)
     ml_linear(x2d, table, w_t, b_t, w_i, b_i)                -> y [M, N]      (autograd)
     ml_qkv(x2d, table, w_t, b_t, w_i, b_i, cos, sin, H, Hkv) -> q, k, v       (autograd)
     ml_linear_dx(dy, table, w_t, w_i)                        -> dx [M, K]
@@ -160,17 +160,17 @@ def _empty_like_rows(x2d: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("llavit::ml_tile_table", mutates_args=())
-def ml_tile_table(is_image: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("llavit::ml_token_order", mutates_args=())
+def ml_token_order(is_image: torch.Tensor) -> torch.Tensor:
     if is_image.numel() == 0:
-        return torch.zeros(K_.tile_table_size(0), dtype=torch.int32, device=is_image.device)
+        return torch.zeros(K_.order_table_size(0), dtype=torch.int32, device=is_image.device)
     with _on_device(is_image):
-        return K_.build_tile_table(is_image.reshape(-1), K_.TILE_M)
+        return K_.build_order(is_image.reshape(-1))
 
 
-@ml_tile_table.register_fake
+@ml_token_order.register_fake
 def _(is_image):
-    return is_image.new_empty((K_.tile_table_size(is_image.numel()),), dtype=torch.int32)
+    return is_image.new_empty((K_.order_table_size(is_image.numel()),), dtype=torch.int32)
 
 
 @torch.library.custom_op("llavit::ml_linear", mutates_args=())
@@ -237,7 +237,7 @@ def ml_linear_dw(dy: torch.Tensor, x: torch.Tensor, table: torch.Tensor) -> List
         )
         block_n = K_.DB_BLOCK_N_INTERPRET if K_.INTERPRET else K_.DB_BLOCK_N
         K_.routed_db_kernel[(cdiv(N, block_n), 2 * db_split)](
-            dy, table, db_t, db_i, M, N, SPLIT=db_split, BLOCK_M=K_.TILE_M, BLOCK_N=block_n, num_warps=4,
+            dy, table, db_t, db_i, M, N, SPLIT=db_split, BLOCK_M=K_.TILE_M, BLOCK_N=block_n, num_warps=K_.DB_NUM_WARPS,
         )
     if split > 1:  # fixed-order sum over the splits: deterministic
         dw_t, dw_i = dw_t.sum(0).to(dtype), dw_i.sum(0).to(dtype)
@@ -388,8 +388,8 @@ def _check_dtype(x: torch.Tensor, op: str) -> None:
 
 
 def routing_table(is_image: torch.Tensor) -> torch.Tensor:
-    """The tile table of a layout's ``is_image`` (one per batch: the front door caches it on the layout)."""
-    return ml_tile_table(is_image.reshape(-1))
+    """The token order of a layout's ``is_image`` (one per batch: the front door caches it on the layout)."""
+    return ml_token_order(is_image.reshape(-1))
 
 
 def modality_linear_triton(x, is_image, weight_text, bias_text, weight_image, bias_image, table=None):

@@ -58,8 +58,9 @@ def _cacheable(is_image: torch.Tensor) -> bool:
 def _routing(layout, is_image: torch.Tensor, key: tuple, build):
     """``build()``, cached on the SpanLayout when there is one: once per batch, shared by all layers."""
     if isinstance(layout, SpanLayout) and _cacheable(is_image):
-        # the version counter makes an in-place change of is_image rebuild instead of going stale
-        return layout.derived(key + (is_image.device, is_image._version), build)
+        # the version counter makes an in-place change of is_image rebuild instead of going stale;
+        # a value made under inference_mode cannot be saved for autograd later: its own entry
+        return layout.derived(key + (is_image.device, is_image._version, torch.is_inference_mode_enabled()), build)
     return build()
 
 
@@ -77,17 +78,65 @@ def modality_order(is_image: torch.Tensor):
     return text_rows, image_rows, inverse
 
 
+def _mm_into(out, a, b_t, bias):
+    """``out = a @ b_t (+ bias)`` written in place (``out`` a contiguous row slice)."""
+    if bias is None:
+        torch.mm(a, b_t, out=out)
+    else:
+        torch.addmm(bias, a, b_t, out=out)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """The CPU path as one autograd node: gathers, one GEMM per modality into a sorted buffer, and
+    a backward made of gathers too (the rows are a permutation, so no scatter-add and no zero fill
+    as index_select's generic backward would do)."""
+
+    @staticmethod
+    def forward(ctx, x2d, text_rows, image_rows, inverse, w_t, b_t, w_i, b_i):
+        n_text = text_rows.numel()
+        xs_t = x2d.index_select(0, text_rows)
+        xs_i = x2d.index_select(0, image_rows)
+        y_sorted = x2d.new_empty((x2d.shape[0], w_t.shape[0]))
+        _mm_into(y_sorted[:n_text], xs_t, w_t.t(), b_t)
+        _mm_into(y_sorted[n_text:], xs_i, w_i.t(), b_i)
+        ctx.save_for_backward(xs_t, xs_i, text_rows, image_rows, inverse, w_t, w_i)
+        ctx.has_bias = (b_t is not None, b_i is not None)
+        return y_sorted.index_select(0, inverse)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        xs_t, xs_i, text_rows, image_rows, inverse, w_t, w_i = ctx.saved_tensors
+        need_x, _, _, _, need_wt, need_bt, need_wi, need_bi = ctx.needs_input_grad
+        n_text = text_rows.numel()
+        gy_sorted = gy.index_select(0, torch.cat([text_rows, image_rows]))
+        g_t, g_i = gy_sorted[:n_text], gy_sorted[n_text:]
+        dx = dw_t = db_t = dw_i = db_i = None
+        if need_x:
+            dx_sorted = gy.new_empty((gy.shape[0], w_t.shape[1]))
+            torch.mm(g_t, w_t, out=dx_sorted[:n_text])
+            torch.mm(g_i, w_i, out=dx_sorted[n_text:])
+            dx = dx_sorted.index_select(0, inverse)
+        if need_wt:
+            dw_t = g_t.t() @ xs_t
+        if need_wi:
+            dw_i = g_i.t() @ xs_i
+        if need_bt and ctx.has_bias[0]:
+            db_t = g_t.sum(0)
+        if need_bi and ctx.has_bias[1]:
+            db_i = g_i.sum(0)
+        return dx, None, None, None, dw_t, db_t, dw_i, db_i
+
+
 def modality_linear_grouped(x, is_image, weight_text, bias_text, weight_image, bias_image, order=None):
     """One GEMM per modality over its gathered rows, then the rows put back in token order.
 
     Same result and gradients as the reference (each GEMM runs even when its modality is empty, so
-    both weights always get a gradient, zeros when unused) at half its FLOPs.
+    both weights always get a gradient, zeros when unused) at half its FLOPs. No double backward.
     """
     text_rows, image_rows, inverse = order if order is not None else modality_order(is_image)
     x2d = x.reshape(-1, x.shape[-1])
-    y_text = F.linear(x2d.index_select(0, text_rows), weight_text, bias_text)
-    y_image = F.linear(x2d.index_select(0, image_rows), weight_image, bias_image)
-    y = torch.cat([y_text, y_image]).index_select(0, inverse)
+    y = _GroupedLinear.apply(x2d, text_rows, image_rows, inverse, weight_text, bias_text, weight_image, bias_image)
     return y.view(*x.shape[:-1], weight_text.shape[0])
 
 
@@ -165,7 +214,7 @@ def modality_linear(
         return modality_linear_grouped(x, is_image, weight_text, bias_text, weight_image, bias_image, order)
     from ._modality_linear_triton import modality_linear_triton, routing_table
 
-    table = _routing(layout, is_image, ("ml_tile_table",), lambda: routing_table(is_image))
+    table = _routing(layout, is_image, ("ml_token_order",), lambda: routing_table(is_image))
     return modality_linear_triton(x, is_image, weight_text, bias_text, weight_image, bias_image, table=table)
 
 
@@ -266,6 +315,6 @@ def modality_qkv(
         return _split_heads(y, x.shape[:-1], weight_text, num_heads, num_kv_heads, cos, sin)
     from ._modality_linear_triton import modality_qkv_triton, routing_table
 
-    table = _routing(layout, is_image, ("ml_tile_table",), lambda: routing_table(is_image))
+    table = _routing(layout, is_image, ("ml_token_order",), lambda: routing_table(is_image))
     return modality_qkv_triton(x, is_image, weight_text, bias_text, weight_image, bias_image,
                                num_heads, num_kv_heads, cos, sin, table=table)
