@@ -80,7 +80,7 @@ def _table_jobs():
              divisible_by_16=["img_ptr", "counts_ptr"], _id="order_count"),
         dict(kernel=kern.order_write_kernel,
              signature=dict(img_ptr="*u8", counts_ptr="*i32", order_ptr="*i32", M="i32", n_windows="i32"),
-             constexprs=dict(WINDOW=kern.TABLE_WINDOW, COUNTS_CHUNK=kern.COUNTS_CHUNK), num_warps=4, num_stages=1,
+             constexprs=dict(WINDOW=kern.TABLE_WINDOW, COUNTS_CHUNK=kern.COUNTS_CHUNK, PAD=kern.ORDER_PAD), num_warps=4, num_stages=1,
              divisible_by_16=["img_ptr", "counts_ptr", "order_ptr"], _id="order_write"),
     ]
 

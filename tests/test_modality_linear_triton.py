@@ -159,7 +159,8 @@ def _check_order(is_image: torch.Tensor, tm: int = TM):
     M = is_image.numel()
     table_t = kern.build_order(is_image)  # the Triton builder (two launches)
     assert torch.equal(table_t, kern.build_order_torch(is_image)), "Triton and torch order tables differ"
-    assert len(table_t) == kern.order_table_size(M)
+    assert len(table_t) == kern.order_table_size(M) and kern.ORDER_PAD >= max(TM, kern.TILE_M_GPU)
+    assert not bool(table_t[M + 1:].any()), "padding after n_text must be zeros"
     order, n_text = table_t[:M].long(), int(table_t[M])
     img = is_image.reshape(-1)
     assert n_text == int((~img).sum())

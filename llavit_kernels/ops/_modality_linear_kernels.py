@@ -16,10 +16,11 @@ Four kernels, all driven by one device-built token order (``build_order``, two l
 * ``qkv_grad_kernel``: the backward of the QKV epilogue: un-rotates dq / dk and writes the fused
   ``dY [M, (H + 2 Hkv) D]`` that the two GEMM-backward kernels read.
 
-The order table (int32, ``M + 1`` entries)::
+The order table (int32, ``M + ORDER_PAD`` entries)::
 
-    table[0 : M]   token index at sorted position p: all text tokens, then all image tokens
-    table[M]       number of text tokens n_text
+    table[0 : M]          token index at sorted position p: all text tokens, then all image tokens
+    table[M]              number of text tokens n_text
+    table[M+1 : M+PAD]    zeros, so that a tile's positions are loaded without a mask
 
 Tile j covers sorted positions ``[j * TILE_M, ...)`` of the text part when ``j < cdiv(n_text,
 TILE_M)``, else the matching block of the image part: at most ``cdiv(M, TILE_M) + 1`` tiles, so
@@ -55,6 +56,7 @@ def cdiv(a: int, b: int) -> int:
 # window, then write), with no host sync.
 TABLE_WINDOW = 1024  # tokens per program of the order kernels
 COUNTS_CHUNK = 256  # window counts read per step by order_write_kernel (a fixed constexpr, any M)
+ORDER_PAD = 128  # zeros after n_text so that a whole tile of positions can be loaded unmasked (>= TILE_M)
 
 
 def build_order_torch(is_image: torch.Tensor) -> torch.Tensor:
@@ -62,7 +64,8 @@ def build_order_torch(is_image: torch.Tensor) -> torch.Tensor:
     img = is_image.reshape(-1)
     order = torch.argsort(img.to(torch.int8), stable=True)
     n_text = (~img).sum().reshape(1)
-    return torch.cat([order, n_text]).to(torch.int32)
+    pad = torch.zeros(ORDER_PAD - 1, dtype=order.dtype, device=order.device)
+    return torch.cat([order, n_text, pad]).to(torch.int32)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -76,8 +79,9 @@ def order_count_kernel(img_ptr, counts_ptr, M, WINDOW: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M", "n_windows"])
 def order_write_kernel(img_ptr, counts_ptr, order_ptr, M, n_windows,
-                       WINDOW: tl.constexpr, COUNTS_CHUNK: tl.constexpr):
-    """order[sorted position of token i] = i for the tokens of window w; program 0 writes n_text."""
+                       WINDOW: tl.constexpr, COUNTS_CHUNK: tl.constexpr, PAD: tl.constexpr):
+    """order[sorted position of token i] = i for the tokens of window w; program 0 writes n_text
+    and the zero padding after it."""
     w = tl.program_id(0)
     # the per-window counts are read in fixed chunks: no constexpr depends on M, so a new batch size
     # never compiles a new kernel (e.g. inside a CUDA-graph capture)
@@ -99,17 +103,20 @@ def order_write_kernel(img_ptr, counts_ptr, order_ptr, M, n_windows,
     tl.store(order_ptr + tl.where(img, image_rank, text_rank), i, mask=ok)
     if w == 0:
         tl.store(order_ptr + M, n_text)
+        p = tl.arange(0, PAD)
+        tl.store(order_ptr + M + p, tl.zeros_like(p), mask=p > 0)
 
 
 def order_table_size(M: int) -> int:
-    return M + 1
+    return M + ORDER_PAD
 
 
 def build_order(is_image: torch.Tensor) -> torch.Tensor:
     """The order table of a flat ``[M]`` bool modality vector, in two launches (no host sync)::
 
-        table[0 : M]   token index at sorted position p (text tokens first, each group in token order)
-        table[M]       number of text tokens
+        table[0 : M]            token index at sorted position p (text first, each group in token order)
+        table[M]                number of text tokens
+        table[M+1 : M+PAD]      zeros (a tile's positions load unmasked)
     """
     M = is_image.numel()
     img = is_image.reshape(-1).contiguous().view(torch.uint8)
@@ -118,7 +125,7 @@ def build_order(is_image: torch.Tensor) -> torch.Tensor:
     table = torch.empty(order_table_size(M), dtype=torch.int32, device=img.device)
     order_count_kernel[(n_windows,)](img, counts, M, WINDOW=TABLE_WINDOW, num_warps=4)
     order_write_kernel[(n_windows,)](img, counts, table, M, n_windows, WINDOW=TABLE_WINDOW,
-                                     COUNTS_CHUNK=COUNTS_CHUNK, num_warps=4)
+                                     COUNTS_CHUNK=COUNTS_CHUNK, PAD=ORDER_PAD, num_warps=4)
     return table
 
 
@@ -135,7 +142,9 @@ def _tile_rows(table_ptr, M, n_text, text_tiles, j, BLOCK_M: tl.constexpr):
     pos_end = tl.where(is_img, M, n_text)
     pos = pos0 + tl.arange(0, BLOCK_M)
     row_ok = pos < pos_end
-    rows = tl.load(table_ptr + pos, mask=row_ok, other=0)
+    # unmasked: the table is padded so that a whole tile of positions is in bounds (a masked load
+    # here made ptxas serialise the dW kernel's wgmma, C7515); rows past pos_end are never used
+    rows = tl.load(table_ptr + pos)
     return rows.to(tl.int64), row_ok, is_img
 
 
