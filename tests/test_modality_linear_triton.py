@@ -553,6 +553,27 @@ def test_cpu_default_is_grouped_and_cached_on_the_layout(monkeypatch):
     assert grouped.calls == 4
 
 
+def test_layout_built_in_inference_mode(monkeypatch):
+    # a layout made under torch.inference_mode (generation) has inference tensors, which have no
+    # version counter: the cache must still work there, and an entry made under inference_mode is
+    # not handed to autograd afterwards
+    B, T = 1, 9
+    with torch.inference_mode():
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        mask[0, 2:5] = True
+        layout = SpanLayout.from_image_mask(mask)
+        x, w_t, b_t, w_i, b_i = (t.detach() for t in make_linear_inputs((B, T), 8, 6, torch.float32, CPU))
+        y = modality_linear(x, layout, w_t, b_t, w_i, b_i)
+        torch.testing.assert_close(y, modality_linear_reference(x, mask, w_t, b_t, w_i, b_i))
+    layout2 = SpanLayout.from_image_mask(torch.zeros(B, T, dtype=torch.bool))
+    with torch.inference_mode():
+        modality_linear(x.clone(), layout2, w_t.clone(), b_t.clone(), w_i.clone(), b_i.clone())
+    x, w_t, b_t, w_i, b_i = make_linear_inputs((B, T), 8, 6, torch.float32, CPU)
+    y = modality_linear(x, layout2, w_t, b_t, w_i, b_i)
+    y.sum().backward()
+    assert x.grad is not None and w_i.grad is not None
+
+
 def test_cpu_default_under_torch_compile_uses_the_reference():
     # the grouped path reads the token order (data-dependent shapes): compiled graphs keep the reference
     is_image, x, w_t, b_t, w_i, b_i = (t.to(CPU) if isinstance(t, torch.Tensor) else t for t in _opcheck_inputs())

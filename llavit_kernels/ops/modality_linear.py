@@ -58,9 +58,11 @@ def _cacheable(is_image: torch.Tensor) -> bool:
 def _routing(layout, is_image: torch.Tensor, key: tuple, build):
     """``build()``, cached on the SpanLayout when there is one: once per batch, shared by all layers."""
     if isinstance(layout, SpanLayout) and _cacheable(is_image):
-        # the version counter makes an in-place change of is_image rebuild instead of going stale;
-        # a value made under inference_mode cannot be saved for autograd later: its own entry
-        return layout.derived(key + (is_image.device, is_image._version, torch.is_inference_mode_enabled()), build)
+        # the version counter makes an in-place change of is_image rebuild instead of going stale
+        # (inference tensors have none: such a layout is taken as immutable); a value made under
+        # inference_mode cannot be saved for autograd later: its own entry
+        version = -1 if is_image.is_inference() else is_image._version
+        return layout.derived(key + (is_image.device, version, torch.is_inference_mode_enabled()), build)
     return build()
 
 
