@@ -459,10 +459,11 @@ def test_attention_module_passes_the_layout(monkeypatch):
         return real(x, layout, *args, **kwargs)
 
     monkeypatch.setattr(attn_mod, "modality_qkv", spy)
-    import inspect
-
-    src = inspect.getsource(attn_mod.LlavitAttention.forward)
-    assert "self.project_qkv(hidden_states, layout," in src, "forward must pass the layout itself"
+    attn = attn_mod.LlavitAttention(32, 4, 2)
+    mask = torch.zeros(1, 6, dtype=torch.bool)
+    mask[0, 1:4] = True
+    attn(torch.randn(1, 6, 32), SpanLayout.from_image_mask(mask))
+    assert seen == ["SpanLayout"], seen
 
 
 def test_linear_deterministic():
