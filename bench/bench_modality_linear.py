@@ -4,7 +4,7 @@
     python bench/bench_modality_linear.py --cpu [--out DIR]     # the CPU paths (no GPU needed)
 
 Providers, one run, same inputs (bf16 on CUDA):
-  triton          ours: tile table + routed GEMM (llavit_kernels, backend="triton")
+  triton          ours: modality-sorted token order + routed GEMM (llavit_kernels, backend="triton")
   dense_gemm      one F.linear of the same size: the floor (no routing at all)
   where_2gemm     both GEMMs + torch.where (twice the FLOPs; the reference)
   index_scatter   boolean index + two partial GEMMs + scatter (CogVLM style; host sync)

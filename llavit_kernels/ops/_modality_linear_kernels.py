@@ -37,7 +37,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Rows per tile. The tile table is built for this size, so every GEMM config uses it as BLOCK_M.
+# Rows per tile of sorted tokens; every GEMM config uses it as BLOCK_M.
 TILE_M_GPU = 128
 TILE_M_INTERPRET = 16
 TILE_M = TILE_M_INTERPRET if INTERPRET else TILE_M_GPU
@@ -188,7 +188,7 @@ def stage_buffers(num_stages: int, indirect: bool = False) -> int:
     """Shared buffers per pipelined operand that Triton 3.6 allocates (checked in the sm_90 TTGIR).
 
     A loop whose load addresses are plain arithmetic gets ``num_stages`` buffers; one whose
-    addresses come from another load in the same loop (``indirect``: the dW kernel's tile table)
+    addresses come from another load in the same loop (``indirect``: the dW kernel's token order)
     shares the stages between the two levels: ``(num_stages - 1) // 2 + 1``.
     """
     return (num_stages - 1) // 2 + 1 if indirect else num_stages
