@@ -1,16 +1,21 @@
 """modality_linear / modality_qkv (Triton) against the dense-GEMM floor and the peers' ways.
 
     python bench/bench_modality_linear.py [--smoke] [--out DIR]
+    python bench/bench_modality_linear.py --cpu [--out DIR]     # the CPU paths (no GPU needed)
 
 Providers, one run, same inputs (bf16 on CUDA):
-  triton          ours: tile table + routed GEMM (llavit_kernels, backend="triton")
-  triton_tma      ours with the opt-in TMA main loop for fwd and dX (off by default until timed)
+  triton          ours: modality-sorted token order + routed GEMM (llavit_kernels, backend="triton")
   dense_gemm      one F.linear of the same size: the floor (no routing at all)
   where_2gemm     both GEMMs + torch.where (twice the FLOPs; the reference)
   index_scatter   boolean index + two partial GEMMs + scatter (CogVLM style; host sync)
   grouped_mm      tokens sorted by modality + torch._grouped_mm (+ un-permute), where available
 Shapes: Qwen2.5-7B QKV (3584 -> 4608) and 3B (2048 -> 2560) at 16384 tokens = 8 x 2048 with one
-576-token image at position 35 per sequence (28% image); sweeps over tokens and image share (7B).
+576-token image at position 35 per sequence (28% image); the 7B shape again with the same 576 image
+tokens per sequence cut into 9 images of 64 (many short runs: edge tiles); sweeps over tokens and
+image share (7B).
+``--cpu``: the CPU paths side by side, interleaved rep by rep (fp32, Qwen2.5-0.5B and 1.5B QKV
+shapes): the default CPU path (one GEMM per modality over gathered rows), the reference (both GEMMs
+over all tokens + torch.where) and one dense GEMM (the floor).
 Modes: fwd and fwd+bwd (grads of x, both weights, both biases), plus dX and dW alone (bwd_dx,
 bwd_dw) against the dense GEMM of the same product, to see which kernel lags. QKV: fused projection writing
 q/k/v (+RoPE in the epilogue) vs the unfused sequence (projection, split, reshape, rotary, copies).
@@ -83,6 +88,8 @@ def main_cases(smoke):
     return [
         dict(name="7B", B=8, T=2048, K=3584, N=4608, spans=[(35, 576)]),
         dict(name="3B", B=8, T=2048, K=2048, N=2560, spans=[(35, 576)]),
+        # the same 28% of image tokens as 9 images of 64: many short runs, so many partial tiles
+        dict(name="7B-9x64", B=8, T=2048, K=3584, N=4608, spans=[(35 + 200 * i, 64) for i in range(9)]),
     ]
 
 
@@ -110,10 +117,6 @@ def linear_providers(x, is_image, w_t, b_t, w_i, b_i):
 
     def triton_ours():
         return modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
-
-    def triton_tma():  # the opt-in TMA main loop for fwd and dX (dW unchanged)
-        with _TMA():
-            return modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
 
     def dense_gemm():
         return F.linear(x, w_t, b_t)
@@ -145,29 +148,9 @@ def linear_providers(x, is_image, w_t, b_t, w_i, b_i):
         y = y + torch.where(img[:, None], b_i, b_t)
         return y.view(*x.shape[:-1], -1)
 
-    providers = {"triton": triton_ours, "triton_tma": triton_tma, "dense_gemm": dense_gemm, "where_2gemm": where_2gemm,
+    providers = {"triton": triton_ours, "dense_gemm": dense_gemm, "where_2gemm": where_2gemm,
                  "index_scatter": index_scatter, "grouped_mm": grouped_mm}
     return providers, [x, w_t, b_t, w_i, b_i, w_stack]
-
-
-class _TMA:
-    """Context: route fwd and dX through the TMA variant (the backward runs outside the provider call)."""
-
-    def __enter__(self):
-        from llavit_kernels.ops import _modality_linear_tma as tma
-
-        self.mod, self.before = tma, tma.USE_TMA
-        tma.USE_TMA = True
-
-    def __exit__(self, *exc):
-        self.mod.USE_TMA = self.before
-
-
-def _with_tma(fn):
-    def run():
-        with _TMA():
-            return fn()
-    return run
 
 
 def _fwd_bwd(fn, params):
@@ -229,8 +212,6 @@ def bench_linear_case(case, is_image, device, dtype, smoke, providers=None, op=O
             if providers is not None and name not in providers:
                 continue
             run = _fwd_bwd(fn, params) if train else torch.no_grad()(fn)
-            if name == "triton_tma":  # the flag must also cover the backward's dX
-                run = _with_tma(run)
             records.append(measure(run, device, smoke, op=op, provider=name, shape=shape, dtype=dtype,
                                    mode=mode, flops=flops))
             if name.startswith("triton"):
@@ -243,10 +224,7 @@ def _autotune_snapshot():
     """The configs the autotuner picked so far (key -> config), recorded with our timings."""
     from llavit_kernels.ops import _modality_linear_kernels as kern
 
-    from llavit_kernels.ops import _modality_linear_tma as tma
-
-    kernels = (("routed_mm", kern.routed_mm_kernel), ("routed_dw", kern.routed_dw_kernel),
-               ("routed_mm_tma", tma.routed_mm_tma_kernel))
+    kernels = (("routed_mm", kern.routed_mm_kernel), ("routed_dw", kern.routed_dw_kernel))
     return {name: {str(k): str(v) for k, v in kernel.cache.items()} for name, kernel in kernels}
 
 
@@ -259,12 +237,11 @@ def bench_backward_parts(case, is_image, device, dtype, smoke):
     x, w_t, _, w_i, _ = make_linear_inputs(B, T, K, N, device, dtype, False)
     x2 = x.reshape(M, K)
     dy = torch.randn(M, N, device=device, dtype=dtype)
-    table = mlt.ml_tile_table(is_image.reshape(-1))
+    table = mlt.ml_token_order(is_image.reshape(-1))
     shape = {"case": case["name"], "share": round(float(is_image.float().mean()), 3), "M": M, "K": K, "N": N}
     flops = 2.0 * M * K * N
     jobs = (
         ("bwd_dx", "triton", lambda: mlt.ml_linear_dx(dy, table, w_t, w_i)),
-        ("bwd_dx", "triton_tma", _with_tma(lambda: mlt.ml_linear_dx(dy, table, w_t, w_i))),
         ("bwd_dx", "dense_gemm", lambda: dy @ w_t),
         ("bwd_dw", "triton", lambda: mlt.ml_linear_dw(dy, x2, table)),  # both dW_m and both db_m
         ("bwd_dw", "dense_gemm", lambda: (dy.t() @ x2, dy.sum(0))),
@@ -328,11 +305,74 @@ def bench_qkv_case(case, device, dtype, smoke):
     return records
 
 
+# ----------------------------------------------------------------------------- CPU paths
+def cpu_cases(smoke):
+    if smoke:
+        return [dict(name="smoke", B=2, T=40, K=32, N=48, spans=[(3, 11)])]
+    # Qwen2.5-0.5B fused QKV (896 -> 896 + 2 x 128) and 1.5B (1536 -> 1536 + 2 x 256), 28% image
+    return [
+        dict(name="0.5B", B=2, T=2048, K=896, N=1152, spans=[(35, 576)]),
+        dict(name="1.5B", B=2, T=2048, K=1536, N=2048, spans=[(35, 576)]),
+        dict(name="1.5B-9x64", B=2, T=2048, K=1536, N=2048, spans=[(35 + 200 * i, 64) for i in range(9)]),
+    ]
+
+
+def bench_cpu_paths(smoke, reps=7):
+    """The CPU paths, each rep running every provider once in turn (fair on a shared machine)."""
+    import time
+
+    from llavit_kernels import SpanLayout
+    from llavit_kernels.ops.modality_linear import modality_linear_reference
+
+    device, dtype = torch.device("cpu"), torch.float32
+    records = []
+    for case in cpu_cases(smoke):
+        B, T, K, N = case["B"], case["T"], case["K"], case["N"]
+        M = B * T
+        is_image = image_mask(B, T, case["spans"], device)
+        layout = SpanLayout.from_image_mask(is_image)
+        shape = {"case": case["name"], "share": round(float(is_image.float().mean()), 3), "M": M, "K": K, "N": N}
+        for mode in ("fwd", "fwd+bwd"):
+            train = mode == "fwd+bwd"
+            x, w_t, b_t, w_i, b_i = make_linear_inputs(B, T, K, N, device, dtype, train)
+            params = [x, w_t, b_t, w_i, b_i]
+            provs = {
+                # backend=None on CPU: one GEMM per modality; the order is cached on the layout
+                "cpu_grouped": lambda: modality_linear(x, layout, w_t, b_t, w_i, b_i),
+                "reference": lambda: modality_linear_reference(x, is_image, w_t, b_t, w_i, b_i),
+                "dense_gemm": lambda: F.linear(x, w_t, b_t),
+            }
+            runs = {k: (_fwd_bwd(f, params) if train else torch.no_grad()(f)) for k, f in provs.items()}
+            times = {k: [] for k in runs}
+            for rep in range(1 if smoke else reps + 1):
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    run()
+                    if rep > 0 or smoke:  # rep 0 warms up
+                        times[name].append((time.perf_counter() - start) * 1e3)
+            flops = 2.0 * M * K * N * (3 if train else 1)
+            for name, ts in times.items():
+                ts.sort()
+                records.append(make_record(op=OP + "_cpu", provider=name, shape=shape, dtype=dtype, mode=mode,
+                                           ms=ts[len(ts) // 2], flops=flops, device=device,
+                                           reps=len(ts), threads=torch.get_num_threads()))
+            del x, w_t, b_t, w_i, b_i, params, provs, runs
+    return records
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (default on CPU)")
     parser.add_argument("--out", default=None, help="output folder (default $OUT or bench/results)")
+    parser.add_argument("--cpu", action="store_true", help="time the CPU paths only (see the module doc)")
     args = parser.parse_args(argv)
+    if args.cpu:
+        smoke = args.smoke
+        records = bench_cpu_paths(smoke)
+        print_table(records, baseline="reference")
+        path = save_results(records, "modality_linear_cpu" + ("-smoke" if smoke else ""), args.out)
+        print(f"wrote {path}")
+        return records
     device = default_device()
     smoke = args.smoke or smoke_mode()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

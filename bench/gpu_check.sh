@@ -49,6 +49,8 @@ if want tests; then
     # tile config (FORCE_CONFIG), bitwise-equal outputs and gradients from two fresh processes
     # (test_bitwise_equal_across_processes: the pinned configs make the backward deterministic
     # across processes), a non-current device when two GPUs exist, CUDA-graph capture.
+    # tests/test_modality_linear_triton.py includes the 20-run bitwise dW/db test of every dW config
+    # (the race the static tier now guards against).
     run 180 "CUDA correctness tests" python -m pytest -q -p no:cacheprovider \
       --junitxml="$OUT/work/junit.xml" \
       tests/test_span_attention_triton.py tests/test_modality_linear_triton.py tests/test_reference_ops.py \

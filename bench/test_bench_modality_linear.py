@@ -26,10 +26,17 @@ def test_modality_linear_providers(timed, provider):
 def test_script_smoke(tmp_path):
     records = bml.main(["--smoke", "--out", str(tmp_path)])
     providers = {r["provider"] for r in records}
-    assert providers >= {"triton", "triton_tma", "dense_gemm", "where_2gemm", "index_scatter", "grouped_mm", "qkv_fused_rope",
+    assert providers >= {"triton", "dense_gemm", "where_2gemm", "index_scatter", "grouped_mm", "qkv_fused_rope",
                          "qkv_unfused_rope"}
     # grouped_mm may be missing from a torch build; every other provider must produce a time
     assert all(r["error"] is None and r["ms"] > 0 for r in records if r["provider"] != "grouped_mm"), \
         [r for r in records if r["error"]]
     assert {r["mode"] for r in records} == {"fwd", "fwd+bwd", "bwd_dx", "bwd_dw"}
     assert list(tmp_path.glob("modality_linear-smoke-*.json"))
+
+
+def test_cpu_paths_smoke(tmp_path):
+    records = bml.main(["--cpu", "--smoke", "--out", str(tmp_path)])
+    assert {r["provider"] for r in records} == {"cpu_grouped", "reference", "dense_gemm"}
+    assert all(r["ms"] > 0 for r in records) and {r["mode"] for r in records} == {"fwd", "fwd+bwd"}
+    assert list(tmp_path.glob("modality_linear_cpu-smoke-*.json"))

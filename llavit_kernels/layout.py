@@ -18,8 +18,8 @@ modality routing of the projections (``is_image``) and the attention mask, so th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -81,6 +81,9 @@ class SpanLayout:
     q_end: torch.Tensor  # int32, per key, query coordinates (exclusive)
     cu_seqlens: Optional[torch.Tensor] = None  # int32 [B+1], packed layouts only
     query_offset: int = 0  # key position of query 0 (chunks / decode), padded layouts only
+    # values derived from the tensors above, built on first use (see ``derived``); not a field of
+    # the layout's identity: copies made by builders / views start empty
+    _derived: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -113,6 +116,24 @@ class SpanLayout:
             f"B={self.batch_size} Tq={self.num_queries} Tk={self.num_keys} offset={self.query_offset}"
         )
         return f"SpanLayout({kind}, device={self.device})"
+
+    def derived(self, key, build: Callable[[], object]):
+        """``build()`` once per layout and ``key``; later calls return the stored value.
+
+        For per-batch facts that every layer reuses, e.g. the modality projections' routing table
+        (``ops/modality_linear.py``): one layout drives all layers of a forward pass, so the value
+        is built once per batch instead of once per projection. Keys should include whatever the
+        value depends on besides the layout (device, tile size, ...). The layout is immutable:
+        if its tensors are changed in place, make a new layout (callers that cannot rule that out
+        put ``is_image._version`` in the key).
+        """
+        store = self._derived
+        if store is None:
+            store = {}
+            object.__setattr__(self, "_derived", store)  # frozen dataclass: a private memo only
+        if key not in store:
+            store[key] = build()
+        return store[key]
 
     # ------------------------------------------------------------------ builders
     @classmethod

@@ -3,9 +3,12 @@
 Each config of every kernel is compiled for Hopper in bf16 and fp16 (the training dtypes) with the
 specialisations Triton's launcher applies at run time (16-aligned pointers, widths and strides that
 are multiples of 16, unit strides as constants), then checked for: no local memory (spills: LOCAL
-and STACK both 0), shared memory within the H100's 227 KB, and warpgroup MMA (HGMMA) in the GEMMs.
-The opt-in TMA variant of the GEMM is compiled the same way (tensor-descriptor arguments).
-No GPU needed; one subprocess pool for all compiles (tests/sm90.py).
+and STACK both 0), shared memory within the H100's 227 KB, warpgroup MMA (HGMMA) in the GEMMs, no
+wgmma serialisation reported by ptxas (C7515), and, in the TTGIR, enough shared buffers behind
+every asynchronous wgmma operand that a cp.async never refills a buffer a pending wgmma reads (the
+dW/db race of Triton issue 6691), with the dW kernel prefetching at least two tiles ahead.
+HGMMA shapes are printed per config. No GPU needed; one subprocess pool for all compiles
+(tests/sm90_modality.py on top of tests/sm90.py).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import inspect
 import pytest
 
 from llavit_kernels.ops import _modality_linear_kernels as kern
-from llavit_kernels.ops import _modality_linear_tma as tma
-from sm90 import H100_SHARED_LIMIT, compile_sm90, compile_sm90_many
+from sm90 import H100_SHARED_LIMIT, compile_sm90
+from sm90_modality import compile_sm90_deep, shared_operands
 
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
 
@@ -42,16 +45,23 @@ def _mm_job(cfg, dtype, mode):
 
 
 def _dw_job(cfg, dtype, split):
-    ptrs = ["dy_ptr", "x_ptr", "table_ptr", "dwt_ptr", "dwi_ptr", "dbt_ptr", "dbi_ptr"]
+    ptrs = ["dy_ptr", "x_ptr", "table_ptr", "dwt_ptr", "dwi_ptr"]
     sig = {p: DTYPES[dtype] for p in ptrs}
-    sig.update(table_ptr="*i32", dbt_ptr="*fp32", dbi_ptr="*fp32", M="i32", N="i32", K="i32")
-    if split > 1:  # split partials go to float32 workspaces; one split writes dW, db in the dtype
+    sig.update(table_ptr="*i32", M="i32", N="i32", K="i32")
+    if split > 1:  # split partials go to float32 workspaces; one split writes dW in the dtype
         sig.update(dwt_ptr="*fp32", dwi_ptr="*fp32")
-    else:
-        sig.update(dbt_ptr=DTYPES[dtype], dbi_ptr=DTYPES[dtype])
     consts = dict(SPLIT=split, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=kern.TILE_M_GPU, **cfg.kwargs)
     return dict(kernel=kern.routed_dw_kernel, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, divisible_by_16=ptrs + ["N", "K"], _id=f"dw-split{split}-{dtype}-{cfg}")
+
+
+def _db_job(dtype, split):
+    ptrs = ["dy_ptr", "table_ptr", "dbt_ptr", "dbi_ptr"]
+    sig = dict(dy_ptr=DTYPES[dtype], table_ptr="*i32", M="i32", N="i32")
+    sig.update(dbt_ptr="*fp32" if split > 1 else DTYPES[dtype], dbi_ptr="*fp32" if split > 1 else DTYPES[dtype])
+    consts = dict(SPLIT=split, BLOCK_M=kern.TILE_M_GPU, BLOCK_N=kern.DB_BLOCK_N)
+    return dict(kernel=kern.routed_db_kernel, signature=sig, constexprs=consts, num_warps=kern.DB_NUM_WARPS, num_stages=3,
+                divisible_by_16=ptrs, _id=f"db-split{split}-{dtype}")
 
 
 def _grad_job(dtype, rope):
@@ -63,32 +73,15 @@ def _grad_job(dtype, rope):
                 divisible_by_16=ptrs, _id=f"qkv_grad-rope{rope}-{dtype}")
 
 
-def _tma_job(cfg, dtype, w_is_nk):
-    bn, bk, bm = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], kern.TILE_M_GPU
-    el = dtype
-    b_block = f"[{bn}, {bk}]" if w_is_nk else f"[{bk}, {bn}]"
-    sig = dict(a_desc=f"tensordesc<{el}[{bm}, {bk}]>", bt_desc=f"tensordesc<{el}{b_block}>",
-               bi_desc=f"tensordesc<{el}{b_block}>")
-    ptrs = ["biast_ptr", "biasi_ptr", "table_ptr", "out_ptr"]
-    sig.update({p: DTYPES[dtype] for p in ptrs})
-    sig.update(table_ptr="*i32", M="i32", N="i32", K="i32", stride_om="i32", n_slots="i32", has_bias_text="i32",
-               has_bias_image="i32")
-    consts = dict(W_IS_NK=w_is_nk, HAS_BIAS=w_is_nk, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=bm, **cfg.kwargs)
-    return dict(kernel=tma.routed_mm_tma_kernel, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, divisible_by_16=ptrs + ["N", "K", "stride_om"],
-                _id=f"tma-{'fwd' if w_is_nk else 'dx'}-{dtype}-{cfg}")
-
-
 def _table_jobs():
-    common = dict(TILE_M=kern.TILE_M_GPU, WINDOW=kern.TABLE_WINDOW)
     return [
-        dict(kernel=kern.tile_count_kernel, signature=dict(img_ptr="*u8", counts_ptr="*i32", M="i32"),
-             constexprs=common, num_warps=4, num_stages=1, divisible_by_16=["img_ptr", "counts_ptr"],
-             _id="tile_count"),
-        dict(kernel=kern.tile_write_kernel,
-             signature=dict(img_ptr="*u8", counts_ptr="*i32", table_ptr="*i32", M="i32", n_windows="i32"),
-             constexprs=dict(common, WINDOWS_P2=64), num_warps=4, num_stages=1,
-             divisible_by_16=["img_ptr", "counts_ptr", "table_ptr"], _id="tile_write"),
+        dict(kernel=kern.order_count_kernel, signature=dict(img_ptr="*u8", counts_ptr="*i32", M="i32"),
+             constexprs=dict(WINDOW=kern.TABLE_WINDOW), num_warps=4, num_stages=1,
+             divisible_by_16=["img_ptr", "counts_ptr"], _id="order_count"),
+        dict(kernel=kern.order_write_kernel,
+             signature=dict(img_ptr="*u8", counts_ptr="*i32", order_ptr="*i32", M="i32", n_windows="i32"),
+             constexprs=dict(WINDOW=kern.TABLE_WINDOW, COUNTS_CHUNK=kern.COUNTS_CHUNK, PAD=kern.ORDER_PAD), num_warps=4, num_stages=1,
+             divisible_by_16=["img_ptr", "counts_ptr", "order_ptr"], _id="order_write"),
     ]
 
 
@@ -102,15 +95,15 @@ def _all_jobs():
     for cfg in kern.dw_configs(interpret=False):
         for dtype in DTYPES:
             jobs.append(_dw_job(cfg, dtype, 1))
-        jobs.append(_dw_job(cfg, "bf16", 4))
+        if kern.dw_config_allowed(cfg, 4):
+            jobs.append(_dw_job(cfg, "bf16", 4))
+    for dtype in DTYPES:
+        jobs.append(_db_job(dtype, 1))
+    jobs.append(_db_job("bf16", 4))
     for dtype in DTYPES:
         for rope in (False, True):
             jobs.append(_grad_job(dtype, rope))
     jobs += _table_jobs()
-    for cfg in tma.tma_configs(interpret=False):
-        for dtype in DTYPES:
-            jobs.append(_tma_job(cfg, dtype, True))
-        jobs.append(_tma_job(cfg, "bf16", False))
     return jobs
 
 
@@ -122,7 +115,7 @@ def compiled():
         "tests/sm90.py: compile_sm90 needs the divisible_by_16 argument (launch specialisation)"
     jobs = _all_jobs()
     ids = [j.pop("_id") for j in jobs]
-    return list(zip(ids, jobs, compile_sm90_many(jobs)))
+    return list(zip(ids, jobs, compile_sm90_deep(jobs)))
 
 
 class _FakeTensor:
@@ -136,16 +129,19 @@ class _FakeTensor:
 @pytest.mark.parametrize("element_size", [2, 4])
 def test_config_pruning_keeps_what_fits(monkeypatch, element_size):
     # the autotuner's early prune drops configs whose operand buffers overflow shared memory
-    # (fp32 operands take twice the bytes); 16-bit operands keep every config
+    # (fp32 operands take twice the bytes); 16-bit operands keep every config. Buffers per operand
+    # as kern.stage_buffers says (test_pipelined_buffers_match_num_stages checks it on the TTGIR).
     monkeypatch.setattr(kern, "INTERPRET", False)
     gemm, dw = kern.gemm_configs(interpret=False), kern.dw_configs(interpret=False)
     kept_g = kern.prune_gemm_configs(gemm, {"a_ptr": _FakeTensor(element_size)}, BLOCK_M=kern.TILE_M_GPU)
     kept_d = kern.prune_dw_configs(dw, {"dy_ptr": _FakeTensor(element_size)}, BLOCK_M=kern.TILE_M_GPU)
     bm = kern.TILE_M_GPU
     for c in kept_g:
-        assert c.num_stages * (bm + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * element_size <= kern.SMEM_BUDGET
+        buffers = kern.stage_buffers(c.num_stages)
+        assert buffers * (bm + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * element_size <= kern.SMEM_BUDGET
     for c in kept_d:
-        assert c.num_stages * bm * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]) * element_size <= kern.SMEM_BUDGET
+        buffers = kern.stage_buffers(c.num_stages, indirect=True)
+        assert buffers * bm * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]) * element_size <= kern.SMEM_BUDGET
     if element_size == 2:
         assert kept_g == gemm and kept_d == dw
     else:
@@ -165,9 +161,89 @@ def test_every_config_compiles_for_sm90_without_spills(compiled):
             problems.append(f"spills: LOCAL={res['local_bytes']} STACK={res['stack_bytes']}")
         if res["shared_total"] > H100_SHARED_LIMIT:
             problems.append(f"shared {res['shared_total']} B > {H100_SHARED_LIMIT}")
-        gemm = job["kernel"] in (kern.routed_mm_kernel, kern.routed_dw_kernel, tma.routed_mm_tma_kernel)
+        gemm = job["kernel"] in (kern.routed_mm_kernel, kern.routed_dw_kernel)
         if gemm and not res["hgmma"]:
             problems.append("no HGMMA in SASS")
         if problems:
             bad.append(f"{name} (regs {res['registers']}): {'; '.join(problems)}")
     assert not bad, "\n".join(bad)
+
+
+def test_no_wgmma_serialisation(compiled):
+    # ptxas C7515 ("wgmma.mma_async instructions are serialized"): the async pipeline silently
+    # becomes a serial one (the removed TMA variant had it, from its two branch main loops)
+    bad = [f"{name}: {[w for w in res['ptxas_warnings'] if 'C7515' in w or 'serialized' in w]}"
+           for name, _, res in compiled if res["wgmma_serialized"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_refill_of_a_buffer_a_pending_wgmma_reads(compiled):
+    # Every shared operand of an async wgmma that a cp.async (or TMA) refills needs more buffers
+    # than the wgmmas left pending by the following wait; with one buffer and one pending wgmma the
+    # next copy overwrites what the pending wgmma still reads (the old dW/db kernel did this).
+    bad = []
+    for name, job, res in compiled:
+        for op in res["smem_operands"]:
+            if op["copy_target"] and (op["pendings"] or 0) >= op["buffers"]:
+                bad.append(f"{name}: operand {op['shape']} has {op['buffers']} buffer(s), {op['pendings']} pending wgmma")
+    assert not bad, "\n".join(bad)
+
+
+def test_split_dw_prune_drops_the_serialising_config(monkeypatch):
+    monkeypatch.setattr(kern, "INTERPRET", False)
+    dw = kern.dw_configs(interpret=False)
+    kept = kern.prune_dw_configs(dw, {"dy_ptr": _FakeTensor(2)}, BLOCK_M=kern.TILE_M_GPU, SPLIT=4)
+    assert kept and all(kern.dw_config_allowed(c, 4) for c in kept) and len(kept) < len(dw)
+    assert kern.prune_dw_configs(dw, {"dy_ptr": _FakeTensor(2)}, BLOCK_M=kern.TILE_M_GPU, SPLIT=1) == dw
+
+
+def test_pipelined_buffers_match_num_stages(compiled):
+    # what the configs (and the shared-memory prune) assume about buffers per operand
+    # (kern.stage_buffers), and the dW kernel prefetches at least 2 tiles ahead (3 buffers)
+    bad = []
+    for name, job, res in compiled:
+        if job["kernel"] not in (kern.routed_mm_kernel, kern.routed_dw_kernel):
+            continue
+        ops = [op for op in res["smem_operands"] if op["copy_target"]]
+        if not ops:
+            bad.append(f"{name}: no pipelined (cp.async-fed) wgmma operand found in the TTGIR")
+        want = kern.stage_buffers(job["num_stages"], indirect=job["kernel"] is kern.routed_dw_kernel)
+        for op in ops:
+            if op["buffers"] != want:
+                bad.append(f"{name}: operand {op['shape']} has {op['buffers']} buffers, num_stages={job['num_stages']}")
+            if job["kernel"] is kern.routed_dw_kernel and op["buffers"] < 3:
+                bad.append(f"{name}: dW operand {op['shape']} prefetch depth {op['buffers'] - 1} < 2")
+    assert not bad, "\n".join(bad)
+
+
+def test_report_hgmma_shapes(compiled, capsys):
+    # the wgmma instruction shape per config (64xNx16: a small N wastes the tensor cores); printed
+    # for the notes, and every GEMM config must use an N of at least 64
+    lines = []
+    for name, job, res in compiled:
+        if res["hgmma_shapes"]:
+            lines.append(f"{name}: regs {res['registers']} HGMMA {','.join(res['hgmma_shapes'])}")
+            assert all(int(s.split("x")[1]) >= 64 for s in res["hgmma_shapes"]), (name, res["hgmma_shapes"])
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+    assert lines
+
+
+RACY_TTGIR = """
+      %dyt_52 = ttg.local_alloc : () -> !ttg.memdesc<1x128x128xbf16, #shared1, #smem, mutable> loc(#loc176)
+      %xt_53 = ttg.local_alloc : () -> !ttg.memdesc<2x128x64xbf16, #shared2, #smem, mutable> loc(#loc177)
+      %dyt_87 = ttg.memdesc_index %dyt_52[%c0_i32] : !ttg.memdesc<1x128x128xbf16, #shared1, #smem, mutable> -> !ttg.memdesc<128x128xbf16, #shared1, #smem, mutable> loc(#loc176)
+        %xt_131 = ttg.memdesc_index %xt_53[%db_128] : !ttg.memdesc<2x128x64xbf16, #shared2, #smem, mutable> -> !ttg.memdesc<128x64xbf16, #shared2, #smem, mutable> loc(#loc177)
+        %acc = ttng.warp_group_dot %dyt_87, %xt_131, %arg11 {inputPrecision = 0 : i32, isAsync = true} : !ttg.memdesc<128x128xbf16, #shared1, #smem, mutable> * !ttg.memdesc<128x64xbf16, #shared2, #smem, mutable> -> tensor<128x64xf32, #mma> loc(#loc188)
+        %acc_132:3 = ttng.warp_group_dot_wait %acc, %dyt_87, %xt_131 {pendings = 1 : i32} : tensor<128x64xf32, #mma>, !ttg.memdesc<128x128xbf16, #shared1, #smem, mutable>, !ttg.memdesc<128x64xbf16, #shared2, #smem, mutable> loc(#loc188)
+        %dyt_163 = ttg.async_copy_global_to_local %dyt_160, %dyt_87 mask %db_162 other %cst_1 {contiguity = 8 : i32} : tensor<128x128x!tt.ptr<bf16>, #blocked> -> <128x128xbf16, #shared1, #smem, mutable> loc(#loc176)
+        %xt_176 = ttg.async_copy_global_to_local %xt_172, %xt_173 mask %db_175 other %cst_2 {contiguity = 8 : i32} : tensor<128x64x!tt.ptr<bf16>, #blocked1> -> <128x64xbf16, #shared2, #smem, mutable> loc(#loc177)
+"""
+
+
+def test_race_detector_flags_the_old_dw_kernel():
+    # lines cut from the sm_90 TTGIR of the old dW+db kernel (128x64 tile, 4 warps, 3 stages):
+    # the detector behind test_no_refill_of_a_buffer_a_pending_wgmma_reads must flag its dY operand
+    ops = shared_operands(RACY_TTGIR)
+    assert ops[0] == {"shape": "128x128", "buffers": 1, "pendings": 1, "copy_target": True}, ops
+    assert ops[1]["buffers"] == 2

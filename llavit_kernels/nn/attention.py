@@ -462,7 +462,10 @@ class LlavitAttention(nn.Module):
         the text projections' adapters, image tokens the image ones'), then RoPE. Per-head q/k norms
         (``q_norm``/``k_norm`` submodules, as Qwen3 has) are applied before RoPE. Any other wrapper is
         called as a module (unfused, warned once).
+
+        ``is_image``: the SpanLayout (its routing table is then built once per batch) or a bool mask.
         """
+        image_mask = is_image.is_image if isinstance(is_image, SpanLayout) else is_image
         if torch.is_autocast_enabled(hidden_states.device.type):
             hidden_states = hidden_states.to(torch.get_autocast_dtype(hidden_states.device.type))
         text_modules, image_modules = self._qkv_modules()
@@ -475,7 +478,7 @@ class LlavitAttention(nn.Module):
                                                 if p is None])
             y_text = torch.cat([m(hidden_states) for m in text_modules], dim=-1)
             y_image = y_text if image_modules is text_modules else torch.cat([m(hidden_states) for m in image_modules], dim=-1)
-            y = torch.where(is_image[..., None], y_image, y_text)
+            y = torch.where(image_mask[..., None], y_image, y_text)
             q, k, v = y.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                                self.num_kv_heads * self.head_dim], dim=-1)
             q = q.reshape(*lead, self.num_heads, self.head_dim)
@@ -496,7 +499,7 @@ class LlavitAttention(nn.Module):
             if delta_image is delta_text:
                 delta = delta_text
             else:
-                delta = torch.where(is_image[..., None], 0.0 if delta_image is None else delta_image,
+                delta = torch.where(image_mask[..., None], 0.0 if delta_image is None else delta_image,
                                     0.0 if delta_text is None else delta_text)
             d_q, d_k, d_v = delta.to(q.dtype).split(
                 [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1)
@@ -594,7 +597,8 @@ class LlavitAttention(nn.Module):
         """
         self._check_inputs(hidden_states, layout, kv_cache)
         cos, sin = self._rope_tables(hidden_states, layout, position_embeddings, position_ids)
-        q, k, v = self.project_qkv(hidden_states, layout.is_image, cos, sin)
+        # the layout itself (not its is_image): the routing table is cached on it, once for all layers
+        q, k, v = self.project_qkv(hidden_states, layout, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         out = self.attend(q, k, v, layout)

@@ -1,29 +1,30 @@
 """Triton kernels of the modality-routed projection (see docs/modality_linear.md).
 
-Three kernels, all driven by one device-built tile table (``build_tile_table``, two launches):
+Four kernels, all driven by one device-built token order (``build_order``, two launches):
 
 * ``routed_mm_kernel``: ``out[m, n] = sum_k A[m, k] B_mod(m)[n, k] (+ bias_mod(m)[n])`` over tiles of
-  at most ``TILE_M`` rows that never cross a modality edge. Forward (A = x, B = W) and dX
-  (A = dY, B = W read transposed through its strides). ``QKV=True`` tiles the columns per head and
-  writes q / k / v in the attention layout, ``ROPE=True`` also rotates q and k (rotate-half).
-* ``routed_dw_kernel``: ``dW_m = dY_m^T X_m`` and ``db_m = sum dY_m`` for both modalities, looping
-  over the tiles of one modality (no gather, no masked double work), optionally split over tokens
-  into a float32 workspace that is summed afterwards in a fixed order (deterministic).
+  ``TILE_M`` modality-sorted tokens: the rows are gathered by the loads and scattered by the
+  stores, so only the last text tile and the last image tile can be partial, whatever the number
+  of image runs. Forward (A = x, B = W) and dX (A = dY, B = W read transposed through its
+  strides). ``QKV=True`` tiles the columns per head and writes q / k / v in the attention layout,
+  ``ROPE=True`` also rotates q and k (rotate-half).
+* ``routed_dw_kernel``: ``dW_m = dY_m^T X_m`` for both modalities, looping over the tiles of one
+  modality (gathered rows, no masked double work), optionally split over tokens into a float32
+  workspace that is summed afterwards in a fixed order (deterministic).
+* ``routed_db_kernel``: ``db_m = sum dY_m``, a separate register reduction over dY (never from the
+  dW kernel's shared-memory MMA operand: that was a data race, see routed_dw_kernel).
 * ``qkv_grad_kernel``: the backward of the QKV epilogue: un-rotates dq / dk and writes the fused
   ``dY [M, (H + 2 Hkv) D]`` that the two GEMM-backward kernels read.
 
-The tile table (int32, ``2 * (M + 1) + 2`` entries)::
+The order table (int32, ``M + ORDER_PAD`` entries)::
 
-    table[0 : M+1]        row_start of tile j   (tiles ordered: all text tiles, then all image tiles)
-    table[M+1 : 2M+2]     row_end of tile j     (exclusive; start == end == M for unused slots)
-    table[2M+2]           number of text tiles
-    table[2M+3]           number of tiles
+    table[0 : M]          token index at sorted position p: all text tokens, then all image tokens
+    table[M]              number of text tokens n_text
+    table[M+1 : M+PAD]    zeros, so that a tile's positions are loaded without a mask
 
-Tiles are the intersections of the aligned ``TILE_M``-row blocks with the maximal runs of one
-modality, so there are at most ``cdiv(M, TILE_M) + runs`` tiles and never more than ``M``: the table
-is sized by that shape-only bound. Programs of the GEMM kernels take "slots" and loop over tiles
-``slot, slot + slots, ...``, so the grid depends on shapes only and any layout is covered (a layout
-with more runs than the slack makes some programs run two tiles instead of failing).
+Tile j covers sorted positions ``[j * TILE_M, ...)`` of the text part when ``j < cdiv(n_text,
+TILE_M)``, else the matching block of the image part: at most ``cdiv(M, TILE_M) + 1`` tiles, so
+the grid (``slots_for``) depends on shapes only.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Rows per tile. The tile table is built for this size, so every GEMM config uses it as BLOCK_M.
+# Rows per tile of sorted tokens; every GEMM config uses it as BLOCK_M.
 TILE_M_GPU = 128
 TILE_M_INTERPRET = 16
 TILE_M = TILE_M_INTERPRET if INTERPRET else TILE_M_GPU
@@ -46,124 +47,109 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-# ----------------------------------------------------------------------------- tile table
-# A tile starts at every multiple of TILE_M and at every modality change, and ends where the next
-# one starts: the intersections of the aligned row blocks with the runs of one modality. Every
-# quantity is local to an aligned block except the slot numbering (text tiles first, then image
-# tiles), so the table is built by two small launches (count per window, then write), not a scan.
-TABLE_WINDOW = 1024  # tokens per program of the table kernels (a multiple of every TILE_M)
+# ----------------------------------------------------------------------------- token order
+# The routing structure is the modality-sorted token order: every text token (in token order),
+# then every image token. Cutting the SORTED positions into TILE_M-row tiles gives at most two
+# partial tiles (the last text tile and the last image tile) whatever the number of image runs;
+# the kernels gather their rows through the order and scatter their output rows back. A token's
+# sorted position is a running count, so the order is built by two small launches (count per
+# window, then write), with no host sync.
+TABLE_WINDOW = 1024  # tokens per program of the order kernels
+COUNTS_CHUNK = 256  # window counts read per step by order_write_kernel (a fixed constexpr, any M)
+ORDER_PAD = 128  # zeros after n_text so that a whole tile of positions can be loaded unmasked (>= TILE_M)
 
 
-def build_tile_table_torch(is_image: torch.Tensor, tile_m: int = TILE_M) -> torch.Tensor:
-    """The tile table from tensor ops only (reference for the Triton builder; no host sync)."""
-    M = is_image.numel()
-    device = is_image.device
+def build_order_torch(is_image: torch.Tensor) -> torch.Tensor:
+    """The order table from tensor ops only (reference for the Triton builder; no host sync)."""
     img = is_image.reshape(-1)
-    idx = torch.arange(M, device=device, dtype=torch.int64)
-    true1 = torch.ones(1, dtype=torch.bool, device=device)
-    first = torch.cat([true1, img[1:] != img[:-1]]) | (idx % tile_m == 0)
-    marks = torch.where(first, idx, torch.full_like(idx, M))
-    after = torch.cat([marks[1:], torch.full_like(marks[:1], M)])
-    tile_end_at = torch.cummin(after.flip(0), dim=0).values.flip(0)  # next tile start after each token
-    cum_text = torch.cumsum((first & ~img).to(torch.int64), 0)
-    cum_image = torch.cumsum((first & img).to(torch.int64), 0)
-    n_text = cum_text[-1:]
-    n_total = n_text + cum_image[-1:]
-    j = torch.arange(M + 1, device=device, dtype=torch.int64)
-    # start of the (j+1)-th text tile = first token where the running count of text tiles reaches j+1
-    start_text = torch.searchsorted(cum_text, j + 1)
-    start_image = torch.searchsorted(cum_image, j - n_text + 1)
-    start = torch.where(j < n_text, start_text, start_image)  # M where no tile
-    end = torch.where(start < M, tile_end_at.gather(0, start.clamp(max=M - 1)), torch.full_like(start, M))
-    return torch.cat([start, end, n_text, n_total]).to(torch.int32)
-
-
-@triton.jit
-def _tile_firsts(img_ptr, w0, M, TILE_M: tl.constexpr, WINDOW: tl.constexpr):
-    i = w0 + tl.arange(0, WINDOW)
-    ok = i < M
-    img = tl.load(img_ptr + i, mask=ok, other=0) != 0
-    prev = tl.load(img_ptr + i - 1, mask=ok & (i > 0), other=0) != 0
-    first = ok & (((i % TILE_M) == 0) | (img != prev))
-    return i, ok, img, first
+    order = torch.argsort(img.to(torch.int8), stable=True)
+    n_text = (~img).sum().reshape(1)
+    pad = torch.zeros(ORDER_PAD - 1, dtype=order.dtype, device=order.device)
+    return torch.cat([order, n_text, pad]).to(torch.int32)
 
 
 @triton.jit(do_not_specialize=["M"])
-def tile_count_kernel(img_ptr, counts_ptr, M, TILE_M: tl.constexpr, WINDOW: tl.constexpr):
-    """counts[w] = (text tiles, image tiles) starting in window w."""
+def order_count_kernel(img_ptr, counts_ptr, M, WINDOW: tl.constexpr):
+    """counts[w] = text tokens in window w."""
     w = tl.program_id(0)
-    i, ok, img, first = _tile_firsts(img_ptr, w * WINDOW, M, TILE_M, WINDOW)
-    tl.store(counts_ptr + 2 * w, tl.sum((first & ~img).to(tl.int32), axis=0))
-    tl.store(counts_ptr + 2 * w + 1, tl.sum((first & img).to(tl.int32), axis=0))
-
-
-@triton.jit
-def _min_i32(a, b):
-    return tl.minimum(a, b)
+    i = w * WINDOW + tl.arange(0, WINDOW)
+    img = tl.load(img_ptr + i, mask=i < M, other=1) != 0
+    tl.store(counts_ptr + w, tl.sum((~img).to(tl.int32), axis=0))
 
 
 @triton.jit(do_not_specialize=["M", "n_windows"])
-def tile_write_kernel(img_ptr, counts_ptr, table_ptr, M, n_windows,
-                      TILE_M: tl.constexpr, WINDOW: tl.constexpr, WINDOWS_P2: tl.constexpr):
-    """Write the starts / ends of the tiles starting in window w, and fill window w's unused slots."""
+def order_write_kernel(img_ptr, counts_ptr, order_ptr, M, n_windows,
+                       WINDOW: tl.constexpr, COUNTS_CHUNK: tl.constexpr, PAD: tl.constexpr):
+    """order[sorted position of token i] = i for the tokens of window w; program 0 writes n_text
+    and the zero padding after it."""
     w = tl.program_id(0)
-    wi = tl.arange(0, WINDOWS_P2)
-    text_counts = tl.load(counts_ptr + 2 * wi, mask=wi < n_windows, other=0)
-    image_counts = tl.load(counts_ptr + 2 * wi + 1, mask=wi < n_windows, other=0)
-    n_text = tl.sum(text_counts, axis=0)
-    n_total = n_text + tl.sum(image_counts, axis=0)
-    text_before = tl.sum(tl.where(wi < w, text_counts, 0), axis=0)
-    image_before = tl.sum(tl.where(wi < w, image_counts, 0), axis=0)
-
+    # the per-window counts are read in fixed chunks: no constexpr depends on M, so a new batch size
+    # never compiles a new kernel (e.g. inside a CUDA-graph capture)
+    zero = tl.sum(tl.zeros((COUNTS_CHUNK,), dtype=tl.int32), axis=0)
+    n_text = zero
+    text_before = zero
+    for c0 in range(0, n_windows, COUNTS_CHUNK):
+        wi = c0 + tl.arange(0, COUNTS_CHUNK)
+        counts = tl.load(counts_ptr + wi, mask=wi < n_windows, other=0)
+        n_text += tl.sum(counts, axis=0)
+        text_before += tl.sum(tl.where(wi < w, counts, 0), axis=0)
     w0 = w * WINDOW
-    i, ok, img, first = _tile_firsts(img_ptr, w0, M, TILE_M, WINDOW)
-    is_text = first & ~img
-    is_image = first & img
-    slot = tl.where(img, n_text + image_before + tl.cumsum(is_image.to(tl.int32), axis=0),
-                    text_before + tl.cumsum(is_text.to(tl.int32), axis=0)) - 1
-    # the next tile start after each token: the window ends on an aligned row, itself a tile start
-    bound = tl.minimum(w0 + WINDOW, M)
-    first_next = _tile_firsts(img_ptr, w0 + 1, M, TILE_M, WINDOW)[3]
-    next_start = tl.associative_scan(tl.where(first_next, i + 1, bound), 0, _min_i32, reverse=True)
-    tl.store(table_ptr + slot, i, mask=first)
-    tl.store(table_ptr + M + 1 + slot, tl.minimum(next_start, bound), mask=first)
-    # unused slots [n_total, M] hold start = end = M; window w fills those among [w0, w0 + WINDOW)
-    s = w0 + tl.arange(0, WINDOW)
-    unused = (s >= n_total) & (s <= M)
-    tl.store(table_ptr + s, tl.zeros_like(s) + M, mask=unused)
-    tl.store(table_ptr + M + 1 + s, tl.zeros_like(s) + M, mask=unused)
+    i = w0 + tl.arange(0, WINDOW)
+    ok = i < M
+    img = tl.load(img_ptr + i, mask=ok, other=0) != 0
+    image_before = w0 - text_before  # every earlier token is text or image
+    text_rank = text_before + tl.cumsum((~img).to(tl.int32), axis=0) - 1
+    image_rank = n_text + image_before + tl.cumsum(img.to(tl.int32), axis=0) - 1
+    tl.store(order_ptr + tl.where(img, image_rank, text_rank), i, mask=ok)
     if w == 0:
-        tl.store(table_ptr + 2 * M + 2, n_text)
-        tl.store(table_ptr + 2 * M + 3, n_total)
+        tl.store(order_ptr + M, n_text)
+        p = tl.arange(0, PAD)
+        tl.store(order_ptr + M + p, tl.zeros_like(p), mask=p > 0)
+
+
+def order_table_size(M: int) -> int:
+    return M + ORDER_PAD
+
+
+def build_order(is_image: torch.Tensor) -> torch.Tensor:
+    """The order table of a flat ``[M]`` bool modality vector, in two launches (no host sync)::
+
+        table[0 : M]            token index at sorted position p (text first, each group in token order)
+        table[M]                number of text tokens
+        table[M+1 : M+PAD]      zeros (a tile's positions load unmasked)
+    """
+    M = is_image.numel()
+    img = is_image.reshape(-1).contiguous().view(torch.uint8)
+    n_windows = max(cdiv(M, TABLE_WINDOW), 1)
+    counts = torch.empty(n_windows, dtype=torch.int32, device=img.device)
+    table = torch.empty(order_table_size(M), dtype=torch.int32, device=img.device)
+    order_count_kernel[(n_windows,)](img, counts, M, WINDOW=TABLE_WINDOW, num_warps=4)
+    order_write_kernel[(n_windows,)](img, counts, table, M, n_windows, WINDOW=TABLE_WINDOW,
+                                     COUNTS_CHUNK=COUNTS_CHUNK, PAD=ORDER_PAD, num_warps=4)
+    return table
+
+
+def slots_for(M: int, tile_m: int = TILE_M) -> int:
+    """Programs along the token axis: the sorted text and image parts hold at most cdiv(M) + 1 tiles."""
+    return cdiv(M, tile_m) + 1
+
+
+@triton.jit
+def _tile_rows(table_ptr, M, n_text, text_tiles, j, BLOCK_M: tl.constexpr):
+    """Token rows of tile j (text tiles first), the valid-row mask and whether it is an image tile."""
+    is_img = j >= text_tiles
+    pos0 = tl.where(is_img, n_text + (j - text_tiles) * BLOCK_M, j * BLOCK_M)
+    pos_end = tl.where(is_img, M, n_text)
+    pos = pos0 + tl.arange(0, BLOCK_M)
+    row_ok = pos < pos_end
+    # unmasked: the table is padded so that a whole tile of positions is in bounds (a masked load
+    # here made ptxas serialise the dW kernel's wgmma, C7515); rows past pos_end are never used
+    rows = tl.load(table_ptr + pos)
+    return rows.to(tl.int64), row_ok, is_img
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def build_tile_table(is_image: torch.Tensor, tile_m: int = TILE_M) -> torch.Tensor:
-    """The tile table of a flat ``[M]`` bool modality vector, in two launches (no host sync)."""
-    if TABLE_WINDOW % tile_m:
-        raise ValueError(f"tile_m: expected a divisor of {TABLE_WINDOW}, got {tile_m}")
-    M = is_image.numel()
-    img = is_image.reshape(-1).contiguous().view(torch.uint8)
-    n_windows = cdiv(M + 1, TABLE_WINDOW)  # M + 1 slots to cover when filling the unused ones
-    counts = torch.empty(2 * n_windows, dtype=torch.int32, device=img.device)
-    table = torch.empty(tile_table_size(M), dtype=torch.int32, device=img.device)
-    tile_count_kernel[(n_windows,)](img, counts, M, TILE_M=tile_m, WINDOW=TABLE_WINDOW, num_warps=4)
-    tile_write_kernel[(n_windows,)](img, counts, table, M, n_windows, TILE_M=tile_m, WINDOW=TABLE_WINDOW,
-                                    WINDOWS_P2=max(_next_pow2(n_windows), 2), num_warps=4)
-    return table
-
-
-def tile_table_size(M: int) -> int:
-    return 2 * (M + 1) + 2
-
-
-def slots_for(M: int, tile_m: int = TILE_M) -> int:
-    """Programs along the token axis: one per aligned tile plus slack for tiles cut by runs."""
-    base = cdiv(M, tile_m)
-    return base + min(base, 64)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -185,22 +171,42 @@ def gemm_configs(interpret: bool = INTERPRET):
 def dw_configs(interpret: bool = INTERPRET):
     if interpret:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    # num_stages=5: the dW loop's row addresses come from tile-table loads inside the loop, so
+    # Triton 3.6 splits the stages between the two levels of loads and keeps (5 - 1) // 2 + 1 = 3
+    # shared buffers per operand: two tiles prefetched while the MMA of a third runs (4 stages
+    # would give only 2; the static tier reads the buffers from the sm_90 TTGIR)
     return [
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=5),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=5),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=5),
         # fits float32 operands too (the 16-bit tiles above need more than 227 KB in fp32)
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=5),
     ]
+
+
+def stage_buffers(num_stages: int, indirect: bool = False) -> int:
+    """Shared buffers per pipelined operand that Triton 3.6 allocates (checked in the sm_90 TTGIR).
+
+    A loop whose load addresses are plain arithmetic gets ``num_stages`` buffers; one whose
+    addresses come from another load in the same loop (``indirect``: the dW kernel's token order)
+    shares the stages between the two levels: ``(num_stages - 1) // 2 + 1``.
+    """
+    return (num_stages - 1) // 2 + 1 if indirect else num_stages
+
+
+def dw_config_allowed(config, split: int) -> bool:
+    """The 128x128 dW tile with float32 split partials makes ptxas serialise its wgmma (C7515, static tier)."""
+    return split == 1 or config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"] < 128 * 128
 
 
 # Shared memory per block on sm_90 is 227 KB; keep a margin for the epilogue's layout conversions.
 SMEM_BUDGET = 200 * 1024
 
 
-def _fits(configs, element_size, operand_elems, fallback_key):
+def _fits(configs, element_size, operand_elems, fallback_key, indirect=False):
     """Configs whose pipelined operand buffers fit in shared memory (or the smallest one)."""
-    fitting = [c for c in configs if c.num_stages * operand_elems(c) * element_size <= SMEM_BUDGET]
+    fitting = [c for c in configs
+               if stage_buffers(c.num_stages, indirect) * operand_elems(c) * element_size <= SMEM_BUDGET]
     return fitting or [min(configs, key=fallback_key)]
 
 
@@ -218,8 +224,10 @@ def prune_dw_configs(configs, named_args, **kwargs):
         return configs
     bm = kwargs.get("BLOCK_M", TILE_M)
     el = named_args["dy_ptr"].element_size()
-    return _fits(configs, el, lambda c: bm * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]),
-                 lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.num_stages)
+    split = kwargs.get("SPLIT", named_args.get("SPLIT", 1))
+    allowed = [c for c in configs if dw_config_allowed(c, split)] or configs
+    return _fits(allowed, el, lambda c: bm * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]),
+                 lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.num_stages, indirect=True)
 
 
 GEMM_CONFIGS = gemm_configs()
@@ -265,8 +273,9 @@ def routed_mm_kernel(
     slot = first_slot + (pid % width) % group_size
     pid_n = (pid % width) // group_size
 
-    n_text = tl.load(table_ptr + 2 * M + 2)
-    n_tiles = tl.load(table_ptr + 2 * M + 3)
+    n_text = tl.load(table_ptr + M)
+    text_tiles = tl.cdiv(n_text, BLOCK_M)
+    n_tiles = text_tiles + tl.cdiv(M - n_text, BLOCK_M)
 
     jj = tl.arange(0, BLOCK_N)
     if QKV:
@@ -287,16 +296,11 @@ def routed_mm_kernel(
         cols = pid_n * BLOCK_N + jj
         col_ok = cols < N
     rk = tl.arange(0, BLOCK_K)
-    rm = tl.arange(0, BLOCK_M)
 
-    for j in range(slot, n_tiles, n_slots):
-        row_start = tl.load(table_ptr + j)
-        row_end = tl.load(table_ptr + M + 1 + j)
-        is_img = j >= n_text
+    for j in range(slot, n_tiles, n_slots):  # at most one tile per slot (slots_for)
+        rows64, row_ok, is_img = _tile_rows(table_ptr, M, n_text, text_tiles, j, BLOCK_M)
         b_ptr = tl.where(is_img, bi_ptr, bt_ptr)
-        rows = row_start + rm
-        row_ok = rows < row_end
-        a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + rk[None, :]
+        a_ptrs = a_ptr + rows64[:, None] * stride_am + rk[None, :]
         b_ptrs = b_ptr + rk[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -321,7 +325,6 @@ def routed_mm_kernel(
             acc += bias.to(tl.float32)[None, :]
 
         out_dtype = out_ptr.dtype.element_ty
-        rows64 = rows.to(tl.int64)
         if QKV:
             # head-major destinations: q [M, H*D], k and v [M, Hkv*D] (row-major = [..., T, heads, D])
             in_k = head >= num_heads
@@ -358,40 +361,21 @@ def routed_mm_kernel(
             tl.store(ptrs, acc.to(out_dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
-# ----------------------------------------------------------------------------- dW / db kernel
-@triton.jit
-def _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, first, last, step, cols_n, cols_k, n_ok, k_ok,
-              WITH_DB: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    rm = tl.arange(0, BLOCK_M)
-    for j in range(first, last, step):
-        row_start = tl.load(table_ptr + j)
-        row_end = tl.load(table_ptr + M + 1 + j)
-        rows = row_start + rm
-        row_ok = rows < row_end
-        rows64 = rows.to(tl.int64)
-        dyt = tl.load(dy_ptr + rows64[None, :] * N + cols_n[:, None], mask=n_ok[:, None] & row_ok[None, :], other=0.0)
-        xt = tl.load(x_ptr + rows64[:, None] * K + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            dyt = dyt.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(dyt, xt, acc, input_precision=DOT_PRECISION)
-        if WITH_DB:
-            db += tl.sum(dyt.to(tl.float32), axis=1)
-    return acc, db
-
-
+# ----------------------------------------------------------------------------- dW kernel
+# dW only: the bias gradient is NOT summed here from the dY tile. That tile is a wgmma operand held
+# in shared memory; reading it into registers for a sum made Triton 3.6 keep it in ONE buffer that
+# the next cp.async overwrote while a wgmma still read it (a data race, Triton issue 6691). The
+# static tier checks every async-wgmma operand's buffer count (tests/test_modality_linear_static.py).
 @triton.autotune(configs=DW_CONFIGS, key=["N", "K", "SPLIT"],
                  prune_configs_by={"early_config_prune": prune_dw_configs})
 @triton.jit(do_not_specialize=["M"])
 def routed_dw_kernel(
-    dy_ptr, x_ptr, table_ptr, dwt_ptr, dwi_ptr, dbt_ptr, dbi_ptr,
+    dy_ptr, x_ptr, table_ptr, dwt_ptr, dwi_ptr,
     M, N, K,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """``dW_m = dY_m^T X_m`` over the tiles of modality m (program axis 1: modality x split)."""
     pid = tl.program_id(0)
     n_k_tiles = tl.cdiv(K, BLOCK_K)
     pid_n = pid // n_k_tiles
@@ -399,25 +383,58 @@ def routed_dw_kernel(
     pid1 = tl.program_id(1)
     modality = pid1 // SPLIT  # 0 text, 1 image
     split = pid1 % SPLIT
-    n_text = tl.load(table_ptr + 2 * M + 2)
-    n_tiles = tl.load(table_ptr + 2 * M + 3)
-    lo = tl.where(modality == 1, n_text, 0)
-    hi = tl.where(modality == 1, n_tiles, n_text)
+    n_text = tl.load(table_ptr + M)
+    text_tiles = tl.cdiv(n_text, BLOCK_M)
+    n_tiles = text_tiles + tl.cdiv(M - n_text, BLOCK_M)
+    lo = tl.where(modality == 1, text_tiles, 0)
+    hi = tl.where(modality == 1, n_tiles, text_tiles)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = cols_n < N
     k_ok = cols_k < K
-    if pid_k == 0:
-        acc, db = _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, lo + split, hi, SPLIT, cols_n, cols_k, n_ok, k_ok,
-                            True, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        db_ptr = tl.where(modality == 1, dbi_ptr, dbt_ptr) + split * N
-        tl.store(db_ptr + cols_n, db.to(dbt_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        acc, db = _dw_tiles(dy_ptr, x_ptr, table_ptr, M, N, K, lo + split, hi, SPLIT, cols_n, cols_k, n_ok, k_ok,
-                            False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for j in range(lo + split, hi, SPLIT):
+        rows64, row_ok, _ = _tile_rows(table_ptr, M, n_text, text_tiles, j, BLOCK_M)
+        dyt = tl.load(dy_ptr + rows64[None, :] * N + cols_n[:, None], mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + rows64[:, None] * K + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(dyt, xt, acc, input_precision=DOT_PRECISION)
     dw_ptr = tl.where(modality == 1, dwi_ptr, dwt_ptr) + split.to(tl.int64) * N * K
     out = dw_ptr + cols_n.to(tl.int64)[:, None] * K + cols_k[None, :]
     tl.store(out, acc.to(dwt_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- db kernel
+DB_BLOCK_N = 128  # columns per program of the bias-gradient reduction (registers only, no MMA)
+DB_BLOCK_N_INTERPRET = 16
+DB_NUM_WARPS = 8  # 128 x 128 dY tile: 64 elements per thread (4 warps spilled in fp16, static tier)
+
+
+@triton.jit(do_not_specialize=["M", "N"])
+def routed_db_kernel(dy_ptr, table_ptr, dbt_ptr, dbi_ptr, M, N,
+                     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``db_m = sum over the tiles of modality m of dY`` (its own pass over dY: see routed_dw_kernel)."""
+    pid_n = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    modality = pid1 // SPLIT
+    split = pid1 % SPLIT
+    n_text = tl.load(table_ptr + M)
+    text_tiles = tl.cdiv(n_text, BLOCK_M)
+    n_tiles = text_tiles + tl.cdiv(M - n_text, BLOCK_M)
+    lo = tl.where(modality == 1, text_tiles, 0)
+    hi = tl.where(modality == 1, n_tiles, text_tiles)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(lo + split, hi, SPLIT):
+        rows64, row_ok, _ = _tile_rows(table_ptr, M, n_text, text_tiles, j, BLOCK_M)
+        tile = tl.load(dy_ptr + rows64[:, None] * N + cols[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        db += tl.sum(tile.to(tl.float32), axis=0)
+    db_ptr = tl.where(modality == 1, dbi_ptr, dbt_ptr) + split * N
+    tl.store(db_ptr + cols, db.to(dbt_ptr.dtype.element_ty), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------- QKV backward prologue

@@ -2,7 +2,7 @@
 
 Ops (namespace ``llavit``), all functional (fresh outputs, no input mutation)::
 
-    ml_tile_table(is_image)                                  -> int32 table   (no grad)
+    ml_token_order(is_image)                                 -> int32 table   (no grad)
     ml_linear(x2d, table, w_t, b_t, w_i, b_i)                -> y [M, N]      (autograd)
     ml_qkv(x2d, table, w_t, b_t, w_i, b_i, cos, sin, H, Hkv) -> q, k, v       (autograd)
     ml_linear_dx(dy, table, w_t, w_i)                        -> dx [M, K]
@@ -15,12 +15,13 @@ and replay under CUDA graphs (after the autotuner has run once outside the captu
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
 
 from . import _modality_linear_kernels as K_
-from . import _modality_linear_tma as _tma
 from ._modality_linear_kernels import _next_pow2, cdiv
 from .modality_linear import TRITON_DTYPES as _TRITON_DTYPES  # one source of truth
 
@@ -46,6 +47,46 @@ def _dw_split(M: int, N: int, K: int, device: torch.device) -> int:
     return max(1, min(want, cdiv(M, K_.TILE_M) // 4, 16))
 
 
+def _db_split(M: int, N: int, device: torch.device) -> int:
+    """Token splits of the bias-gradient reduction (a pure bandwidth pass): ~2 programs per SM."""
+    if K_.INTERPRET or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 2 * cdiv(N, K_.DB_BLOCK_N)
+    return max(1, min(cdiv(2 * sms, programs), cdiv(M, K_.TILE_M) // 2, 32))
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU, not the current one (a model split over GPUs by ``device_map``)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+# Triton's launcher marks a pointer "16-byte aligned" and an integer "divisible by 16" per call; only
+# then can the kernels' row loads be vectorised (16-byte cp.async). Otherwise the same kernel runs
+# with scalar loads: correct but several times slower. Said once per process and cause.
+_SLOW_PATH_WARNED: set = set()
+
+
+def _warn_if_slow_path(op: str, **operands) -> None:
+    reasons = []
+    for name, t in operands.items():
+        if t is None:
+            continue
+        if t.data_ptr() % 16:
+            reasons.append(f"{name} is not 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16})")
+        if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) % 16:
+            reasons.append(f"{name} has a row stride of {t.stride(0)} elements, not a multiple of 16")
+    if not reasons or (op, tuple(reasons)) in _SLOW_PATH_WARNED:
+        return
+    _SLOW_PATH_WARNED.add((op, tuple(reasons)))
+    warnings.warn(
+        f"{op} (Triton): {'; '.join(reasons)}, so the routed GEMM takes Triton's slow path (scalar loads "
+        "instead of 16-byte cp.async). Pad in_features / out_features to multiples of 16 and pass "
+        "aligned tensors for full speed. (Warned once per cause.)", stacklevel=3)
+
+
 # ----------------------------------------------------------------------------- launchers
 def _launch_mm(a, w_t, w_i, b_t, b_i, table, out, *, transpose_b: bool, qkv=None):
     """out = A @ B_mod^T (+ bias); B given as [N_b, K_b] weights read directly or transposed."""
@@ -53,10 +94,9 @@ def _launch_mm(a, w_t, w_i, b_t, b_i, table, out, *, transpose_b: bool, qkv=None
     # [N, 2] bias) must be compacted first (a no-op for the usual contiguous parameter)
     b_t = b_t.contiguous() if b_t is not None else None
     b_i = b_i.contiguous() if b_i is not None else None
-    if qkv is None and _tma.USE_TMA and _tma.tma_eligible(a, w_t, w_i):
-        _tma.launch_mm_tma(a, w_t, w_i, b_t, b_i, table, out, transpose_b=transpose_b,
-                           upcast=_upcast(a.dtype), precision=_dot_precision(a.dtype))
-        return
+    _warn_if_slow_path("modality_qkv" if qkv is not None else "modality_linear",
+                       **({"dy": a} if transpose_b else {"x": a}), weight_text=w_t, weight_image=w_i,
+                       out=out if qkv is None else None)
     M = a.shape[0]
     if transpose_b:  # dX = dY @ W: the output width is W's column count
         N, Kr = w_t.shape[1], w_t.shape[0]
@@ -91,15 +131,16 @@ def _launch_mm(a, w_t, w_i, b_t, b_i, table, out, *, transpose_b: bool, qkv=None
             col_tiles = cdiv(N, meta["BLOCK_N"])
         return (n_slots * col_tiles,)
 
-    K_.routed_mm_kernel[grid](
-        a, w_t, w_i, b_t if b_t is not None else dummy, b_i if b_i is not None else dummy, table,
-        out, k_out, v_out, cos, sin,
-        M, N, Kr, a.stride(0), stride_bn, stride_bk, stride_om,
-        n_slots, num_heads, num_kv_heads, cos_rows,
-        int(b_t is not None), int(b_i is not None),
-        HEAD_DIM=head_dim, QKV=qkv_mode, ROPE=rope, HAS_BIAS=has_bias, UPCAST=_upcast(a.dtype),
-        DOT_PRECISION=_dot_precision(a.dtype), BLOCK_M=K_.TILE_M,
-    )
+    with _on_device(a):
+        K_.routed_mm_kernel[grid](
+            a, w_t, w_i, b_t if b_t is not None else dummy, b_i if b_i is not None else dummy, table,
+            out, k_out, v_out, cos, sin,
+            M, N, Kr, a.stride(0), stride_bn, stride_bk, stride_om,
+            n_slots, num_heads, num_kv_heads, cos_rows,
+            int(b_t is not None), int(b_i is not None),
+            HEAD_DIM=head_dim, QKV=qkv_mode, ROPE=rope, HAS_BIAS=has_bias, UPCAST=_upcast(a.dtype),
+            DOT_PRECISION=_dot_precision(a.dtype), BLOCK_M=K_.TILE_M,
+        )
 
 
 # Tests set this to fill every buffer the kernels must overwrite with NaN, so that an element a
@@ -119,16 +160,17 @@ def _empty_like_rows(x2d: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("llavit::ml_tile_table", mutates_args=())
-def ml_tile_table(is_image: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("llavit::ml_token_order", mutates_args=())
+def ml_token_order(is_image: torch.Tensor) -> torch.Tensor:
     if is_image.numel() == 0:
-        return torch.zeros(K_.tile_table_size(0), dtype=torch.int32, device=is_image.device)
-    return K_.build_tile_table(is_image.reshape(-1), K_.TILE_M)
+        return torch.zeros(K_.order_table_size(0), dtype=torch.int32, device=is_image.device)
+    with _on_device(is_image):
+        return K_.build_order(is_image.reshape(-1))
 
 
-@ml_tile_table.register_fake
+@ml_token_order.register_fake
 def _(is_image):
-    return is_image.new_empty((K_.tile_table_size(is_image.numel()),), dtype=torch.int32)
+    return is_image.new_empty((K_.order_table_size(is_image.numel()),), dtype=torch.int32)
 
 
 @torch.library.custom_op("llavit::ml_linear", mutates_args=())
@@ -180,19 +222,26 @@ def ml_linear_dw(dy: torch.Tensor, x: torch.Tensor, table: torch.Tensor) -> List
     else:
         dw_t = _new(dy, (split, N, Kd), torch.float32)
         dw_i = _new(dy, (split, N, Kd), torch.float32)
-    # one split: the kernel writes the final dW / db in the weights' dtype; else float32 partials
-    db_t = _new(dy, (N,)) if split == 1 else _new(dy, (split, N), torch.float32)
-    db_i = _new(dy, (N,)) if split == 1 else _new(dy, (split, N), torch.float32)
+    db_split = _db_split(M, N, dy.device)
+    # one split: the kernels write the final dW / db in the weights' dtype; else float32 partials
+    db_t = _new(dy, (N,)) if db_split == 1 else _new(dy, (db_split, N), torch.float32)
+    db_i = _new(dy, (N,)) if db_split == 1 else _new(dy, (db_split, N), torch.float32)
 
     def grid(meta):
         return (cdiv(N, meta["BLOCK_N"]) * cdiv(Kd, meta["BLOCK_K"]), 2 * split)
 
-    K_.routed_dw_kernel[grid](
-        dy, x, table, dw_t, dw_i, db_t, db_i, M, N, Kd,
-        SPLIT=split, UPCAST=_upcast(dtype), DOT_PRECISION=_dot_precision(dtype), BLOCK_M=K_.TILE_M,
-    )
+    with _on_device(dy):
+        K_.routed_dw_kernel[grid](
+            dy, x, table, dw_t, dw_i, M, N, Kd,
+            SPLIT=split, UPCAST=_upcast(dtype), DOT_PRECISION=_dot_precision(dtype), BLOCK_M=K_.TILE_M,
+        )
+        block_n = K_.DB_BLOCK_N_INTERPRET if K_.INTERPRET else K_.DB_BLOCK_N
+        K_.routed_db_kernel[(cdiv(N, block_n), 2 * db_split)](
+            dy, table, db_t, db_i, M, N, SPLIT=db_split, BLOCK_M=K_.TILE_M, BLOCK_N=block_n, num_warps=K_.DB_NUM_WARPS,
+        )
     if split > 1:  # fixed-order sum over the splits: deterministic
         dw_t, dw_i = dw_t.sum(0).to(dtype), dw_i.sum(0).to(dtype)
+    if db_split > 1:
         db_t, db_i = db_t.sum(0).to(dtype), db_i.sum(0).to(dtype)
     return [dw_t, dw_i, db_t, db_i]
 
@@ -253,8 +302,9 @@ def ml_qkv_grad(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: Optio
         block_d = _next_pow2(head_dim)
     block_m = 16 if K_.INTERPRET else 32
     grid = (cdiv(M, block_m), num_heads + 2 * num_kv_heads)
-    K_.qkv_grad_kernel[grid](dq, dk, dv, cos, sin, dy, M, num_heads, num_kv_heads, cos_rows,
-                             HEAD_DIM=head_dim, ROPE=rope, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+    with _on_device(dq):
+        K_.qkv_grad_kernel[grid](dq, dk, dv, cos, sin, dy, M, num_heads, num_kv_heads, cos_rows,
+                                 HEAD_DIM=head_dim, ROPE=rope, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     return dy
 
 
@@ -337,17 +387,23 @@ def _check_dtype(x: torch.Tensor, op: str) -> None:
         )
 
 
-def modality_linear_triton(x, is_image, weight_text, bias_text, weight_image, bias_image):
+def routing_table(is_image: torch.Tensor) -> torch.Tensor:
+    """The token order of a layout's ``is_image`` (one per batch: the front door caches it on the layout)."""
+    return ml_token_order(is_image.reshape(-1))
+
+
+def modality_linear_triton(x, is_image, weight_text, bias_text, weight_image, bias_image, table=None):
     _check_dtype(x, "modality_linear")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    table = ml_tile_table(is_image.reshape(-1))
+    if table is None:
+        table = routing_table(is_image)
     y = ml_linear(x2d, table, weight_text, bias_text, weight_image, bias_image)
     return y.view(*lead, weight_text.shape[0])
 
 
 def modality_qkv_triton(x, is_image, weight_text, bias_text, weight_image, bias_image,
-                        num_heads, num_kv_heads, cos=None, sin=None):
+                        num_heads, num_kv_heads, cos=None, sin=None, table=None):
     _check_dtype(x, "modality_qkv")
     lead = x.shape[:-1]
     head_dim = weight_text.shape[0] // (num_heads + 2 * num_kv_heads)
@@ -358,7 +414,8 @@ def modality_qkv_triton(x, is_image, weight_text, bias_text, weight_image, bias_
         cos = cos.detach()
         sin = sin.detach()
     x2d = x.reshape(-1, x.shape[-1])
-    table = ml_tile_table(is_image.reshape(-1))
+    if table is None:
+        table = routing_table(is_image)
     q, k, v = ml_qkv(x2d, table, weight_text, bias_text, weight_image, bias_image, cos, sin,
                      num_heads, num_kv_heads)
     return (q.view(*lead, num_heads, head_dim), k.view(*lead, num_kv_heads, head_dim),
