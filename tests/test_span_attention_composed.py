@@ -244,7 +244,10 @@ def test_query_chunk_view_of_full_layout():
 def test_softmax_scale_and_large_logits():
     case = random_padded(random.Random(9), batch=1, length=50, pad="left")
     q, k, v, do = make_qkv(case.layout, heads=2, kv_heads=2, head_dim=64, dtype=torch.float32)
-    check(case, q * 4, k * 4, v, do, scale=0.3)  # scores in the hundreds: the merge must stay stable
+    # Scores in the tens: the merge must stay stable (no inf/NaN). The bound is looser than elsewhere:
+    # the fp32 flash kernel's blocked exp/accumulation order differs from the dense reference's and
+    # peaked softmax rows amplify that (measured 1.5e-4 on dv of magnitude ~4).
+    check(case, q * 4, k * 4, v, do, scale=0.3, err_factor=20.0)
 
 
 @given(
@@ -378,3 +381,15 @@ def test_gpu_query_chunk_is_not_covered_by_composed():
     q, k, v, _ = make_qkv(case.layout, heads=2, kv_heads=1, head_dim=64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="query chunks"):
         span_attention(q, k, v, case.layout, backend="composed")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU completion variants")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dense_completion_blocks_fallback(monkeypatch, dtype):
+    # The CPU completion runs each span block on the flash kernel with tokens reversed; the dense
+    # per-span blocks are the fallback (a torch without that kernel): both must be exact.
+    monkeypatch.setattr(C, "USE_FLASH_BLOCKS", False)
+    case = random_padded(random.Random(6), batch=2, length=41, pad="left", past_length=0)
+    check(case, *make_qkv(case.layout, heads=4, kv_heads=2, head_dim=64, dtype=dtype))
+    chunk = random_padded(random.Random(16), batch=2, length=20, past_length=9, pad="left")
+    check(chunk, *make_qkv(chunk.layout, heads=4, kv_heads=1, head_dim=32, dtype=dtype))

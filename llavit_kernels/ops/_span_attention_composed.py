@@ -72,15 +72,15 @@ def _spans_host(c_kv_start2: torch.Tensor, kv_end2: torch.Tensor, query_offset: 
     return list(zip(sb.tolist(), sa.tolist(), (se + 1).tolist()))
 
 
-def _block_views(q4, k4, v4, b, qa, qe, query_offset):
-    """[Hkv, G, L, D] queries and [Hkv, 1, L, D] keys/values of one completion block."""
+def _block_views(q4, k4, v4, b, qa, qe, query_offset, dtype):
+    """[Hkv, G, L, D] queries and [Hkv, 1, L, D] keys/values of one completion block, in ``dtype``."""
     length = qe - qa
     heads, dim = q4.shape[2], q4.shape[3]
     kv_heads = k4.shape[2]
     k_lo = query_offset + qa + 1
-    qh = q4[b, qa:qe].reshape(length, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)
-    kh = k4[b, k_lo:k_lo + length].permute(1, 0, 2).unsqueeze(1)
-    vh = v4[b, k_lo:k_lo + length].permute(1, 0, 2).unsqueeze(1)
+    qh = q4[b, qa:qe].to(dtype).reshape(length, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)
+    kh = k4[b, k_lo:k_lo + length].to(dtype).permute(1, 0, 2).unsqueeze(1)
+    vh = v4[b, k_lo:k_lo + length].to(dtype).permute(1, 0, 2).unsqueeze(1)
     return qh, kh, vh, k_lo
 
 
@@ -96,10 +96,46 @@ def _to_bthd(x):  # [Hkv, G, L, D] -> [L, H, D]
     return x.permute(2, 0, 1, 3).reshape(x.shape[2], -1, x.shape[3])
 
 
+# A completion block is causal attention read backwards: block query i sees block keys j >= i, so
+# with both token orders reversed (i' = L-1-i, j' = L-1-j) it is j' <= i', plain top-left causal.
+# On CPU the blocks therefore run on the flash kernel too (one fused pass; the dense blocks below
+# are the fallback and took ~3x the causal time in elementwise passes over [H, L, L] scores).
+USE_FLASH_BLOCKS = True
+
+
+def _flipped(x4, b, lo, hi, dtype):
+    """Tokens lo..hi of row b, reversed, in ``dtype``, as a [1, H, L, D] view for the flash kernel."""
+    return x4[b, lo:hi].flip(0).to(dtype).unsqueeze(0).transpose(1, 2)
+
+
+def _unflip(x):
+    """[1, H, L, D] flash output of reversed tokens -> [L, H, D] in token order."""
+    return x[0].transpose(0, 1).flip(0)
+
+
+def _flash_blocks_available(dtype):
+    return USE_FLASH_BLOCKS and E.CPU_FLASH.supports("cpu", dtype, 64, 1, False, 0) is None
+
+
 def _cpu_completion_merge(q4, k4, v4, out4, lse3, spans, query_offset, scale):
-    """Merge every completion block into (out4 [B, T, H, D], lse3 [B, H, T]) in place."""
+    """Merge every completion block into (out4 [B, T, H, D], lse3 [B, H, T]) in place; the blocks are
+    computed in out4's dtype (q4, k4, v4 may be in another: each block is cast on its own)."""
+    acc = out4.dtype
+    if _flash_blocks_available(acc):
+        for b, qa, qe in spans:
+            k_lo, k_hi = query_offset + qa + 1, query_offset + qe + 1
+            o_s, l_s = E._CPU_FWD(_flipped(q4, b, qa, qe, acc), _flipped(k4, b, k_lo, k_hi, acc),
+                                  _flipped(v4, b, k_lo, k_hi, acc), 0.0, True, scale=scale)
+            lse_s = l_s[0].flip(-1)  # [H, L]
+            lse_c = lse3[b, :, qa:qe]
+            lse = torch.logaddexp(lse_c, lse_s)
+            w_c = torch.exp(lse_c - lse).transpose(0, 1)[..., None]  # [L, H, 1]
+            w_s = torch.exp(lse_s - lse).transpose(0, 1)[..., None]
+            out4[b, qa:qe] = out4[b, qa:qe] * w_c + _unflip(o_s) * w_s
+            lse3[b, :, qa:qe] = lse
+        return
     for b, qa, qe in spans:
-        qh, kh, vh, _ = _block_views(q4, k4, v4, b, qa, qe, query_offset)
+        qh, kh, vh, _ = _block_views(q4, k4, v4, b, qa, qe, query_offset, acc)
         s, _ = _block_scores(qh, kh, scale)
         lse_s = torch.logsumexp(s, dim=-1)  # every block row has its diagonal key: finite
         o_s = torch.matmul(torch.exp(s - lse_s[..., None]), vh)
@@ -113,16 +149,29 @@ def _cpu_completion_merge(q4, k4, v4, out4, lse3, spans, query_offset, scale):
 
 
 def _cpu_completion_backward(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4, spans, query_offset, scale):
-    """Add the completion's gradients (with the merged out / lse) into dq4, dk4, dv4."""
+    """Add the completion's gradients (with the merged out / lse) into dq4, dk4, dv4 (whose dtype the
+    blocks are computed in)."""
+    acc = dq4.dtype
+    if _flash_blocks_available(acc):
+        for b, qa, qe in spans:
+            k_lo, k_hi = query_offset + qa + 1, query_offset + qe + 1
+            lse = lse3[b:b + 1, :, qa:qe].flip(-1).to(acc).contiguous()
+            dq, dk, dv = E._CPU_BWD(_flipped(do4, b, qa, qe, acc), _flipped(q4, b, qa, qe, acc),
+                                    _flipped(k4, b, k_lo, k_hi, acc), _flipped(v4, b, k_lo, k_hi, acc),
+                                    _flipped(o4, b, qa, qe, acc), lse, 0.0, True, scale=scale)
+            dq4[b, qa:qe] += _unflip(dq)
+            dk4[b, k_lo:k_hi] += _unflip(dk)
+            dv4[b, k_lo:k_hi] += _unflip(dv)
+        return
     for b, qa, qe in spans:
-        qh, kh, vh, k_lo = _block_views(q4, k4, v4, b, qa, qe, query_offset)
+        qh, kh, vh, k_lo = _block_views(q4, k4, v4, b, qa, qe, query_offset, acc)
         length = qe - qa
         kv_heads, groups = qh.shape[0], qh.shape[1]
         s, below = _block_scores(qh, kh, scale)
-        lse = lse3[b, :, qa:qe].reshape(kv_heads, groups, length, 1)
+        lse = lse3[b, :, qa:qe].to(acc).reshape(kv_heads, groups, length, 1)
         p = torch.exp(s - lse)  # the masked entries are exp(-inf) = 0
-        dob = do4[b, qa:qe].reshape(length, kv_heads, groups, -1).permute(1, 2, 0, 3)
-        ob = o4[b, qa:qe].reshape(length, kv_heads, groups, -1).permute(1, 2, 0, 3)
+        dob = do4[b, qa:qe].to(acc).reshape(length, kv_heads, groups, -1).permute(1, 2, 0, 3)
+        ob = o4[b, qa:qe].to(acc).reshape(length, kv_heads, groups, -1).permute(1, 2, 0, 3)
         delta = (dob * ob).sum(-1, keepdim=True)
         dv = torch.matmul(p.transpose(-1, -2), dob).sum(1)  # [Hkv, L, D]
         ds = p * (torch.matmul(dob, vh.transpose(-1, -2)) - delta)
@@ -177,8 +226,7 @@ def _forward_impl(q, k, v, kv_start, kv_end, c_kv_start, c_q_start, c_q_end, cu_
         lse3 = _lse3(lse_c).to(out4.dtype)
         spans = _spans_host(_as2(c_kv_start), _as2(kv_end), query_offset)
         if spans:
-            q4, k4, v4 = (_as4(t).to(out4.dtype) for t in (qc, kc, vc))
-            _cpu_completion_merge(q4, k4, v4, out4, lse3, spans, query_offset, scale)
+            _cpu_completion_merge(_as4(qc), _as4(kc), _as4(vc), out4, lse3, spans, query_offset, scale)
         out, lse = (out4[0], lse3[0]) if q.dim() == 3 else (out4, lse3)
     else:
         from ._span_attention_triton import span_attention_fwd
@@ -210,9 +258,8 @@ def _backward_impl(grad_out, q, k, v, out, lse, kv_start, kv_end, q_start, q_end
         spans = _spans_host(_as2(c_kv_start), _as2(kv_end), query_offset)
         if spans:
             dq4, dk4, dv4 = (_as4(t).to(acc) for t in (dq, dk, dv))  # fresh engine outputs: add in place
-            q4, k4, v4, o4, do4 = (_as4(t).to(acc) for t in (qc, kc, vc, oc, doc))
-            _cpu_completion_backward(do4, q4, k4, v4, o4, _lse3(lse).to(acc), dq4, dk4, dv4, spans, query_offset,
-                                     scale)
+            q4, k4, v4, o4, do4 = (_as4(t) for t in (qc, kc, vc, oc, doc))
+            _cpu_completion_backward(do4, q4, k4, v4, o4, _lse3(lse), dq4, dk4, dv4, spans, query_offset, scale)
             dq, dk, dv = (t[0] for t in (dq4, dk4, dv4)) if q.dim() == 3 else (dq4, dk4, dv4)
     else:
         from ._span_attention_triton import span_attention_bwd
