@@ -131,7 +131,8 @@ def _cpu_completion_merge(q4, k4, v4, out4, lse3, spans, query_offset, scale):
             lse = torch.logaddexp(lse_c, lse_s)
             w_c = torch.exp(lse_c - lse).transpose(0, 1)[..., None]  # [L, H, 1]
             w_s = torch.exp(lse_s - lse).transpose(0, 1)[..., None]
-            out4[b, qa:qe] = out4[b, qa:qe] * w_c + _unflip(o_s) * w_s
+            out_blk = out4[b, qa:qe]
+            out_blk.mul_(w_c).add_(_unflip(o_s).mul_(w_s))  # in place: few [L, H, D] temporaries
             lse3[b, :, qa:qe] = lse
         return
     for b, qa, qe in spans:
@@ -211,26 +212,70 @@ def _finish_padding(out, lse, kv_start, kv_end):
     return out, lse
 
 
+def _kv_groups(q, k):
+    """(query-head slice, kv-head slice) per KV head: the CPU path runs one KV head's query heads at a
+    time so its fp32 copies and temporaries are 1/Hkv of the full tensors (peak memory)."""
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    groups = heads // kv_heads
+    return [(slice(g * groups, (g + 1) * groups), slice(g, g + 1)) for g in range(kv_heads)]
+
+
+def _cpu_forward(q, k, v, kv_start, kv_end, c_kv_start, cu_seqlens, query_offset, scale, engine):
+    compute = _compute_dtype(q)
+    acc = torch.float64 if compute == torch.float64 else torch.float32
+    out = torch.empty_like(q)
+    lse = torch.empty(_lse_shape(q), dtype=acc)
+    lse3_all = _lse3(lse)
+    spans = _spans_host(_as2(c_kv_start), _as2(kv_end), query_offset)
+    for hs, ks in _kv_groups(q, k):
+        qg, kg, vg = q[..., hs, :].to(compute), k[..., ks, :].to(compute), v[..., ks, :].to(compute)
+        out_c, lse_c = engine.forward(qg, kg, vg, kv_start, kv_end, cu_seqlens, query_offset, scale)
+        # The engine's outputs are fresh tensors: the completion merges into them in place.
+        out4, lse3 = _as4(out_c).to(acc), _lse3(lse_c).to(acc)
+        if spans:
+            _cpu_completion_merge(_as4(qg), _as4(kg), _as4(vg), out4, lse3, spans, query_offset, scale)
+        _as4(out)[:, :, hs] = out4
+        lse3_all[:, hs] = lse3
+    return out, lse
+
+
+def _cpu_backward(grad_out, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, c_kv_start, cu_seqlens,
+                  query_offset, scale, engine):
+    compute = _compute_dtype(q)
+    acc = torch.float64 if compute == torch.float64 else torch.float32
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    spans = _spans_host(_as2(c_kv_start), _as2(kv_end), query_offset)
+    lse3_all = _lse3(lse).to(acc)
+    for hs, ks in _kv_groups(q, k):
+        qg, og, dog = (t[..., hs, :].to(compute) for t in (q, out, grad_out))
+        kg, vg = k[..., ks, :].to(compute), v[..., ks, :].to(compute)
+        lse_g = lse3_all[:, hs] if q.dim() == 4 else lse3_all[0, hs]
+        dqg, dkg, dvg = engine.backward(dog, qg, kg, vg, og, lse_g, kv_start, kv_end, q_start, q_end, cu_seqlens,
+                                        query_offset, scale)
+        if spans:
+            dq4, dk4, dv4 = (_as4(t).to(acc) for t in (dqg, dkg, dvg))  # fresh engine outputs: add in place
+            _cpu_completion_backward(_as4(dog), _as4(qg), _as4(kg), _as4(vg), _as4(og), _lse3(lse_g), dq4, dk4, dv4,
+                                     spans, query_offset, scale)
+            dqg, dkg, dvg = (dq4, dk4, dv4) if q.dim() == 4 else (dq4[0], dk4[0], dv4[0])
+        dq[..., hs, :] = dqg
+        dk[..., ks, :] = dkg
+        dv[..., ks, :] = dvg
+    return dq, dk, dv
+
+
 def _forward_impl(q, k, v, kv_start, kv_end, c_kv_start, c_q_start, c_q_end, cu_seqlens, query_offset, scale,
                   engine_name):
     engine = E.ENGINES[engine_name]
     dtype = q.dtype
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     if q.numel() == 0:
-        return q.new_zeros(q.shape), torch.full(_lse_shape(q), float("inf"), dtype=torch.float32, device=q.device)
-    compute = _compute_dtype(q)
-    qc, kc, vc = (t.to(compute) for t in (q, k, v))
-    out_c, lse_c = engine.forward(qc, kc, vc, kv_start, kv_end, cu_seqlens, query_offset, scale)
+        return q.new_zeros(q.shape), torch.full(_lse_shape(q), float("inf"), dtype=lse_dtype, device=q.device)
     if q.device.type == "cpu":
-        # The engine's outputs are fresh tensors: the completion merges into them in place.
-        out4 = _as4(out_c).to(torch.float64 if compute == torch.float64 else torch.float32)
-        lse3 = _lse3(lse_c).to(out4.dtype)
-        spans = _spans_host(_as2(c_kv_start), _as2(kv_end), query_offset)
-        if spans:
-            _cpu_completion_merge(_as4(qc), _as4(kc), _as4(vc), out4, lse3, spans, query_offset, scale)
-        out, lse = (out4[0], lse3[0]) if q.dim() == 3 else (out4, lse3)
+        out, lse = _cpu_forward(q, k, v, kv_start, kv_end, c_kv_start, cu_seqlens, query_offset, scale, engine)
     else:
         from ._span_attention_triton import span_attention_fwd
 
+        out_c, lse_c = engine.forward(q, k, v, kv_start, kv_end, cu_seqlens, query_offset, scale)
         out_s, lse_s = span_attention_fwd(q, k, v, c_kv_start, kv_end, c_q_start, c_q_end, scale)
         has = c_kv_start < kv_end
         has_lse = has.unsqueeze(-2) if has.dim() == 2 else has.unsqueeze(0)
@@ -238,9 +283,9 @@ def _forward_impl(q, k, v, kv_start, kv_end, c_kv_start, c_q_start, c_q_end, cu_
         lse_c = lse_c.float()
         lse = torch.logaddexp(lse_c, lse_s)
         w = lambda l: torch.exp(l - lse).transpose(-1, -2).unsqueeze(-1)  # noqa: E731  [.., T, H, 1]
-        out = out_c.float() * w(lse_c) + out_s.float() * w(lse_s)
+        out = (out_c.float() * w(lse_c) + out_s.float() * w(lse_s)).to(dtype)
     out, lse = _finish_padding(out, lse, kv_start, kv_end)
-    return out.to(dtype), lse.to(torch.float32 if dtype != torch.float64 else torch.float64)
+    return out, lse.to(lse_dtype)
 
 
 def _backward_impl(grad_out, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, c_kv_start, c_q_start, c_q_end,
@@ -248,25 +293,16 @@ def _backward_impl(grad_out, q, k, v, out, lse, kv_start, kv_end, q_start, q_end
     engine = E.ENGINES[engine_name]
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    compute = _compute_dtype(q)
-    qc, kc, vc, oc, doc = (t.to(compute) for t in (q, k, v, out, grad_out))
-    lse_e = lse if compute == torch.float64 else lse.float()
-    dq, dk, dv = engine.backward(doc, qc, kc, vc, oc, lse_e, kv_start, kv_end, q_start, q_end, cu_seqlens,
-                                 query_offset, scale)
     if q.device.type == "cpu":
-        acc = torch.float64 if compute == torch.float64 else torch.float32
-        spans = _spans_host(_as2(c_kv_start), _as2(kv_end), query_offset)
-        if spans:
-            dq4, dk4, dv4 = (_as4(t).to(acc) for t in (dq, dk, dv))  # fresh engine outputs: add in place
-            q4, k4, v4, o4, do4 = (_as4(t) for t in (qc, kc, vc, oc, doc))
-            _cpu_completion_backward(do4, q4, k4, v4, o4, _lse3(lse), dq4, dk4, dv4, spans, query_offset, scale)
-            dq, dk, dv = (t[0] for t in (dq4, dk4, dv4)) if q.dim() == 3 else (dq4, dk4, dv4)
-    else:
-        from ._span_attention_triton import span_attention_bwd
+        return _cpu_backward(grad_out, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, c_kv_start, cu_seqlens,
+                             query_offset, scale, engine)
+    from ._span_attention_triton import span_attention_bwd
 
-        dq_s, dk_s, dv_s = span_attention_bwd(grad_out, None, q, k, v, out, lse, c_kv_start, kv_end, c_q_start,
-                                              c_q_end, scale)
-        dq, dk, dv = dq.float() + dq_s.float(), dk.float() + dk_s.float(), dv.float() + dv_s.float()
+    dq, dk, dv = engine.backward(grad_out, q, k, v, out, lse.float(), kv_start, kv_end, q_start, q_end, cu_seqlens,
+                                 query_offset, scale)
+    dq_s, dk_s, dv_s = span_attention_bwd(grad_out, None, q, k, v, out, lse, c_kv_start, kv_end, c_q_start,
+                                          c_q_end, scale)
+    dq, dk, dv = dq.float() + dq_s.float(), dk.float() + dk_s.float(), dv.float() + dv_s.float()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
