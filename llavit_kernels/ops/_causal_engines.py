@@ -394,7 +394,9 @@ def _flash_attn_forward(q, k, v, kv_start, kv_end, cu_seqlens, query_offset, sca
                         window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0,
                         alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None,
                         seqused_k=None)
-    out, lse = res[0], res[1]
+    # flash_attn >= 2.6: (out, softmax_lse, S_dmask, rng_state); 2.4-2.5: (out, q, k, v, out_padded,
+    # softmax_lse, S_dmask, rng_state).
+    out, lse = res[0], (res[5] if len(res) >= 8 else res[1])
     return unflat(out), _lse_to_layout(lse, q)
 
 
