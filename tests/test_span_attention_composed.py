@@ -270,12 +270,19 @@ def test_fuzzed_layouts(seed, kind, length, groups):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU engine option")
-@pytest.mark.skipif(not (E.CPU_NATIVE_BF16 or E.CPU_NATIVE_FP16), reason="this CPU has no native half dot product")
-def test_cpu_native_half_engine(monkeypatch):
-    monkeypatch.setattr(E, "CPU_HALF_NATIVE_ENGINE", True)
-    dtype = torch.bfloat16 if E.CPU_NATIVE_BF16 else torch.float16
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_engine_modes(monkeypatch, native, dtype):
+    # Half inputs run the flash kernel natively where the CPU supports it, else in fp32 (forced
+    # here with False); both paths, with padding and a cache chunk.
+    if native and not (E.CPU_NATIVE_BF16 if dtype == torch.bfloat16 else E.CPU_NATIVE_FP16):
+        pytest.skip(f"this CPU has no native {dtype} dot product")
+    monkeypatch.setattr(E, "CPU_HALF_NATIVE_ENGINE", native)
+    assert E.cpu_compute_dtype(dtype) == (dtype if native else torch.float32)
     case = random_padded(random.Random(4), batch=2, length=41, pad="left")
-    check(case, *make_qkv(case.layout, heads=4, kv_heads=2, head_dim=64, dtype=dtype), err_factor=4.0)
+    check(case, *make_qkv(case.layout, heads=4, kv_heads=2, head_dim=64, dtype=dtype))
+    chunk = random_padded(random.Random(14), batch=2, length=20, past_length=9, pad="left")
+    check(chunk, *make_qkv(chunk.layout, heads=4, kv_heads=2, head_dim=64, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------- front door

@@ -22,8 +22,9 @@ intervals, from which the engine reads document starts and padding):
 
 | engine       | device | dtypes                  | head dims      | GQA      | layouts (varlen)                 | deterministic bwd |
 |--------------|--------|-------------------------|----------------|----------|----------------------------------|-------------------|
-| ``cpu_flash``| CPU    | fp32, fp64 (half in fp32 | any           | native   | all: one batched call when no row | yes               |
-|              |        | unless the CPU has bf16) |               |          | needs a shift, else per document  |                   |
+| ``cpu_flash``| CPU    | fp32, fp64; half natively| any           | native   | all: one batched call when no row | yes               |
+|              |        | with CPU support, else  |                |          | needs a shift, else per document  |                   |
+|              |        | computed in fp32        |                |          |                                   |                   |
 | ``flash_attn``| CUDA  | fp16, bf16              | <= 256 (x8)    | native   | packed, padded (varlen, no sync); | no (atomics)      |
 |              |        |                         |                |          | query chunks: not covered         |                   |
 | ``cudnn``    | CUDA   | fp16, bf16              | <= 128 (x8)    | expanded | as flash_attn                    | yes               |
@@ -78,11 +79,11 @@ _FLAGS = _cpu_flags()
 # times slower than fp32 on CPU, so half inputs are computed in fp32 there and cast back.
 CPU_NATIVE_BF16 = bool(_FLAGS & {"avx512_bf16", "amx_bf16"})
 CPU_NATIVE_FP16 = bool(_FLAGS & {"avx512_fp16", "amx_fp16"})
-# The composed CPU path computes half inputs in fp32 by default: on the machines measured (see
-# bench/results/cpu-*.json) the fp32 flash kernel was at least as fast as the bf16 one, and the
-# fp32 result is more accurate. Set to True to run the engine in the input's half dtype where
-# the CPU has native support.
-CPU_HALF_NATIVE_ENGINE = False
+# None (default): the composed CPU path runs the flash kernel in the input's half dtype where the
+# CPU has native half dot products (measured on an AVX512-BF16 Zen CPU: bf16 flash as fast as fp32,
+# and no fp32 copies of q/k/v/out, which kept peak memory within 2x of causal SDPA's), and in fp32
+# (cast back) elsewhere. False forces fp32; True is the same as None (native only where supported).
+CPU_HALF_NATIVE_ENGINE: Optional[bool] = None
 
 
 def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,7 +91,7 @@ def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype not in _HALF:
         return dtype
     native = CPU_NATIVE_BF16 if dtype == torch.bfloat16 else CPU_NATIVE_FP16
-    return dtype if (CPU_HALF_NATIVE_ENGINE and native) else torch.float32
+    return dtype if (CPU_HALF_NATIVE_ENGINE is not False and native) else torch.float32
 
 
 _CPU_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -118,21 +118,26 @@ def _flash_blocks_available(dtype):
 
 
 def _cpu_completion_merge(q4, k4, v4, out4, lse3, spans, query_offset, scale):
-    """Merge every completion block into (out4 [B, T, H, D], lse3 [B, H, T]) in place; the blocks are
-    computed in out4's dtype (q4, k4, v4 may be in another: each block is cast on its own)."""
-    acc = out4.dtype
-    if _flash_blocks_available(acc):
+    """Merge every completion block into (out4 [B, T, H, D], lse3 [B, H, T]) in place. The blocks run
+    in q4's dtype on the flash kernel (in lse3's, fp32/fp64, on the dense fallback); the merge is done
+    in lse3's dtype and written back in out4's."""
+    acc = lse3.dtype
+    blk = q4.dtype
+    if _flash_blocks_available(blk):
         for b, qa, qe in spans:
             k_lo, k_hi = query_offset + qa + 1, query_offset + qe + 1
-            o_s, l_s = E._CPU_FWD(_flipped(q4, b, qa, qe, acc), _flipped(k4, b, k_lo, k_hi, acc),
-                                  _flipped(v4, b, k_lo, k_hi, acc), 0.0, True, scale=scale)
+            o_s, l_s = E._CPU_FWD(_flipped(q4, b, qa, qe, blk), _flipped(k4, b, k_lo, k_hi, blk),
+                                  _flipped(v4, b, k_lo, k_hi, blk), 0.0, True, scale=scale)
             lse_s = l_s[0].flip(-1)  # [H, L]
             lse_c = lse3[b, :, qa:qe]
             lse = torch.logaddexp(lse_c, lse_s)
             w_c = torch.exp(lse_c - lse).transpose(0, 1)[..., None]  # [L, H, 1]
             w_s = torch.exp(lse_s - lse).transpose(0, 1)[..., None]
             out_blk = out4[b, qa:qe]
-            out_blk.mul_(w_c).add_(_unflip(o_s).mul_(w_s))  # in place: few [L, H, D] temporaries
+            if out_blk.dtype == acc:
+                out_blk.mul_(w_c).add_(_unflip(o_s).mul_(w_s))  # in place: few [L, H, D] temporaries
+            else:  # a half engine: merge in fp32, one rounding back
+                out_blk.copy_(out_blk.to(acc).mul_(w_c).add_(_unflip(o_s).to(acc).mul_(w_s)))
             lse3[b, :, qa:qe] = lse
         return
     for b, qa, qe in spans:
@@ -230,8 +235,9 @@ def _cpu_forward(q, k, v, kv_start, kv_end, c_kv_start, cu_seqlens, query_offset
     for hs, ks in _kv_groups(q, k):
         qg, kg, vg = q[..., hs, :].to(compute), k[..., ks, :].to(compute), v[..., ks, :].to(compute)
         out_c, lse_c = engine.forward(qg, kg, vg, kv_start, kv_end, cu_seqlens, query_offset, scale)
-        # The engine's outputs are fresh tensors: the completion merges into them in place.
-        out4, lse3 = _as4(out_c).to(acc), _lse3(lse_c).to(acc)
+        # The engine's outputs are fresh tensors: the completion merges into them in place (out4 stays
+        # in the compute dtype: a half engine's output is not copied to fp32 as a whole).
+        out4, lse3 = _as4(out_c), _lse3(lse_c).to(acc)
         if spans:
             _cpu_completion_merge(_as4(qg), _as4(kg), _as4(vg), out4, lse3, spans, query_offset, scale)
         _as4(out)[:, :, hs] = out4
