@@ -232,7 +232,8 @@ def _cpu_forward(q, k, v, kv_start, kv_end, c_kv_start, cu_seqlens, query_offset
     lse = torch.empty(_lse_shape(q), dtype=acc)
     lse3_all = _lse3(lse)
     spans = _spans_host(_as2(c_kv_start), _as2(kv_end), query_offset)
-    for hs, ks in _kv_groups(q, k):
+    groups = _kv_groups(q, k)
+    for hs, ks in groups:
         qg, kg, vg = q[..., hs, :].to(compute), k[..., ks, :].to(compute), v[..., ks, :].to(compute)
         out_c, lse_c = engine.forward(qg, kg, vg, kv_start, kv_end, cu_seqlens, query_offset, scale)
         # The engine's outputs are fresh tensors: the completion merges into them in place (out4 stays
@@ -240,8 +241,11 @@ def _cpu_forward(q, k, v, kv_start, kv_end, c_kv_start, cu_seqlens, query_offset
         out4, lse3 = _as4(out_c), _lse3(lse_c).to(acc)
         if spans:
             _cpu_completion_merge(_as4(qg), _as4(kg), _as4(vg), out4, lse3, spans, query_offset, scale)
+        if len(groups) == 1 and out_c.dtype == q.dtype:  # MQA: the engine's buffer is the result
+            return out_c, lse3[0] if q.dim() == 3 else lse3
         _as4(out)[:, :, hs] = out4
         lse3_all[:, hs] = lse3
+        del qg, kg, vg, out_c, lse_c, out4, lse3  # free this group before the next one runs (peak memory)
     return out, lse
 
 
@@ -258,6 +262,7 @@ def _cpu_backward(grad_out, q, k, v, out, lse, kv_start, kv_end, q_start, q_end,
         lse_g = lse3_all[:, hs] if q.dim() == 4 else lse3_all[0, hs]
         dqg, dkg, dvg = engine.backward(dog, qg, kg, vg, og, lse_g, kv_start, kv_end, q_start, q_end, cu_seqlens,
                                         query_offset, scale)
+        dq4 = dk4 = dv4 = None
         if spans:
             dq4, dk4, dv4 = (_as4(t).to(acc) for t in (dqg, dkg, dvg))  # fresh engine outputs: add in place
             _cpu_completion_backward(_as4(dog), _as4(qg), _as4(kg), _as4(vg), _as4(og), _lse3(lse_g), dq4, dk4, dv4,
@@ -266,6 +271,7 @@ def _cpu_backward(grad_out, q, k, v, out, lse, kv_start, kv_end, q_start, q_end,
         dq[..., hs, :] = dqg
         dk[..., ks, :] = dkg
         dv[..., ks, :] = dvg
+        del qg, og, dog, kg, vg, dqg, dkg, dvg, dq4, dk4, dv4  # free this group before the next one runs (peak memory)
     return dq, dk, dv
 
 
