@@ -503,7 +503,8 @@ def plot_cpu_results(records, path):
             pts = sorted((r["shape"]["T"], r["ms"] / floor[r["shape"]["T"]]) for r in sel
                          if r["provider"] == p and r["shape"]["T"] in floor)
             if pts:
-                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=p)
+                color = f"C{CPU_PROVIDERS.index(p)}" if p in CPU_PROVIDERS else None  # one color per provider
+                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=p, color=color)
         ax.axhline(1.2 if mode == "fwd" else 1.3, color="gray", ls="--", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
