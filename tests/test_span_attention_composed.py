@@ -7,7 +7,8 @@ the error against float64 stays within a small multiple of the error PyTorch's o
 that dtype (the reference) has, plus a dtype-sized slack. Padding rows are checked to be exactly 0
 (output and dq) and keys no query sees get exactly 0 dk/dv.
 
-CPU runs the ``cpu_flash`` engine; the GPU tier (bench/gpu_check.sh) runs every CUDA engine present.
+The CPU tier (CPU tensors, on every machine) runs the ``cpu_flash`` engine; the GPU tier
+(bench/gpu_check.sh) runs every CUDA engine present on CUDA tensors, skipped without a GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from llavit_kernels.ops import _span_attention_composed as C
 from llavit_kernels.ops.span_attention import span_attention_reference
 
 HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+# The CPU tier runs on CPU tensors on every machine (the CPU composed path exists there too); the
+# GPU tier at the bottom builds its own CUDA tensors.
+DEVICE = "cpu"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (GPU tier)")
 SLACK = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,18 +45,18 @@ pytestmark = [
 class Case:
     """A layout with its brute-force mask, built from the same raw description."""
 
-    def __init__(self, is_image, attention_mask=None, past_length=0, cu_seqlens=None):
+    def __init__(self, is_image, attention_mask=None, past_length=0, cu_seqlens=None, device=DEVICE):
         self.raw = (is_image, attention_mask, past_length, cu_seqlens)
         if cu_seqlens is not None:
-            self.layout = SpanLayout.from_packed(is_image.to(DEVICE), cu_seqlens.to(DEVICE))
+            self.layout = SpanLayout.from_packed(is_image.to(device), cu_seqlens.to(device))
             self.mask = bf.packed_mask(is_image, cu_seqlens)
         else:
-            am = None if attention_mask is None else attention_mask.to(DEVICE)
-            self.layout = SpanLayout.from_image_mask(is_image.to(DEVICE), am, past_length=past_length)
+            am = None if attention_mask is None else attention_mask.to(device)
+            self.layout = SpanLayout.from_image_mask(is_image.to(device), am, past_length=past_length)
             self.mask = bf.padded_mask(is_image, attention_mask, past_length=past_length)
 
 
-def random_padded(rng, batch, length, pad="none", past_length=0, image_share=0.4, edges=False):
+def random_padded(rng, batch, length, pad="none", past_length=0, image_share=0.4, edges=False, device=DEVICE):
     img = torch.zeros(batch, length, dtype=torch.bool)
     for b in range(batch):
         pos = 0 if edges else rng.randrange(0, 4)
@@ -76,10 +79,10 @@ def random_padded(rng, batch, length, pad="none", past_length=0, image_share=0.4
                 mask[b, :cut] = 0
             else:
                 mask[b, total - cut:] = 0
-    return Case(img, mask, past_length)
+    return Case(img, mask, past_length, device=device)
 
 
-def random_packed(rng, doc_lengths, image_share=0.4):
+def random_packed(rng, doc_lengths, image_share=0.4, device=DEVICE):
     n = sum(doc_lengths)
     img = torch.zeros(n, dtype=torch.bool)
     pos = 0
@@ -91,17 +94,18 @@ def random_packed(rng, doc_lengths, image_share=0.4):
         else:
             pos += rng.randrange(1, 7)
     cu = torch.tensor([0] + torch.tensor(doc_lengths).cumsum(0).tolist(), dtype=torch.int32)
-    return Case(img, cu_seqlens=cu)
+    return Case(img, cu_seqlens=cu, device=device)
 
 
 def make_qkv(layout, heads, kv_heads, head_dim, dtype, seed=1234):
+    device = layout.device
     gen = torch.Generator().manual_seed(seed)
     if layout.packed:
         q_shape, k_shape = (layout.num_queries, heads, head_dim), (layout.num_keys, kv_heads, head_dim)
     else:
         q_shape = (layout.batch_size, layout.num_queries, heads, head_dim)
         k_shape = (layout.batch_size, layout.num_keys, kv_heads, head_dim)
-    q, k, v, do = (torch.randn(s, generator=gen).to(DEVICE, dtype) for s in (q_shape, k_shape, k_shape, q_shape))
+    q, k, v, do = (torch.randn(s, generator=gen).to(device, dtype) for s in (q_shape, k_shape, k_shape, q_shape))
     return q, k, v, do
 
 
@@ -269,7 +273,6 @@ def test_fuzzed_layouts(seed, kind, length, groups):
     check(case, *make_qkv(case.layout, heads=2 * groups, kv_heads=2, head_dim=32, dtype=torch.float32, seed=seed))
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="CPU engine option")
 @pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpu_half_engine_modes(monkeypatch, native, dtype):
@@ -286,7 +289,6 @@ def test_cpu_half_engine_modes(monkeypatch, native, dtype):
 
 
 # ----------------------------------------------------------------------------- front door
-@pytest.mark.skipif(HAS_CUDA, reason="the CPU default")
 def test_cpu_default_is_composed(monkeypatch):
     case = random_padded(random.Random(2), batch=2, length=30, pad="left")
     q, k, v, _ = make_qkv(case.layout, heads=2, kv_heads=1, head_dim=64, dtype=torch.float32)
@@ -377,20 +379,19 @@ def test_gpu_engine(engine, dtype, kind, monkeypatch):
 
     monkeypatch.setattr(T, "POISON_OUTPUTS", True)
     rng = random.Random(hash((engine, kind)) % 1000)
-    case = random_packed(rng, [150, 1, 200, 0, 97]) if kind == "packed" else \
-        random_padded(rng, batch=2, length=203, pad=kind)
+    case = random_packed(rng, [150, 1, 200, 0, 97], device="cuda") if kind == "packed" else \
+        random_padded(rng, batch=2, length=203, pad=kind, device="cuda")
     check(case, *make_qkv(case.layout, heads=28, kv_heads=4, head_dim=128, dtype=dtype), causal_engine=engine)
 
 
 @requires_cuda
 def test_gpu_query_chunk_is_not_covered_by_composed():
-    case = random_padded(random.Random(1), batch=1, length=20, past_length=29)
+    case = random_padded(random.Random(1), batch=1, length=20, past_length=29, device="cuda")
     q, k, v, _ = make_qkv(case.layout, heads=2, kv_heads=1, head_dim=64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="query chunks"):
         span_attention(q, k, v, case.layout, backend="composed")
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="CPU completion variants")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_dense_completion_blocks_fallback(monkeypatch, dtype):
     # The CPU completion runs each span block on the flash kernel with tokens reversed; the dense
