@@ -2,11 +2,11 @@
 # The GPU tier in one command: CUDA correctness tests, then the benchmarks, on one H100/H200.
 #   OUT=/some/dir bash bench/gpu_check.sh
 # Works on a bare GPU machine (torch 2.11, triton 3.6, numpy 2.5, transformers 5.17, no network):
-# nothing is installed; the package is used from this checkout through PYTHONPATH. Budget: < 5 min.
+# nothing is installed; the package is used from this checkout through PYTHONPATH. Expected: about 5 min (the stage limits below are worst cases).
 # Writes to $OUT: gpu_check.log, env.json, the benchmark JSON files, and results.tgz (JSON + PNG).
-# Stage limits add up to 560 s in the worst case (cold Triton cache, every autotune config tried);
-# give the device call a timeout of about 590 s. STAGES="tests attention" (a subset of
-# "tests attention modality layer") runs fewer stages, e.g. for a rerun of what timed out.
+# Stage limits add up to 680 s in the worst case (cold Triton cache, every autotune config tried),
+# more than one device call (600 s): run it as two calls, e.g. STAGES="tests attention" then
+# STAGES="composed modality layer" (a subset of "tests attention composed modality layer").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu-$(date -u +%Y%m%d-%H%M%S)}"
@@ -41,7 +41,7 @@ run() {  # run <seconds> <label> <command...>: a stage that fails or times out n
   [ $rc -eq 0 ] || status=1
 }
 
-STAGES="${STAGES:-tests attention modality layer}"
+STAGES="${STAGES:-tests attention composed modality layer}"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 if want tests; then
   if python -c "import pytest, hypothesis" 2>/dev/null; then
@@ -54,12 +54,19 @@ if want tests; then
     run 180 "CUDA correctness tests" python -m pytest -q -p no:cacheprovider \
       --junitxml="$OUT/work/junit.xml" \
       tests/test_span_attention_triton.py tests/test_modality_linear_triton.py tests/test_reference_ops.py \
-      tests/test_nn.py tests/test_integration_transformers.py
+      tests/test_nn.py tests/test_integration_transformers.py tests/test_span_attention_composed.py
   else
     echo "== pytest/hypothesis missing on this machine: CUDA tests skipped"; status=1
   fi
 fi
 want attention && run 150 bench_attention python bench/bench_attention.py --out "$OUT/work"
+# The composed path (causal engine + image-span completion, issue 9): every CUDA engine present,
+# against ours and cuDNN causal on S1/S2 (engines that are absent become records with their error).
+python -c "from llavit_kernels.ops._causal_engines import engine_support_table as t; print('causal engines:', t())" || true
+want composed && run 120 bench_attention_composed python bench/bench_attention.py --cases S1,S2 \
+  --providers ours,sdpa_causal_cudnn,composed,composed_cudnn,composed_torch_flash,composed_flash_attn \
+  --out "$OUT/work/composed"
+for f in "$OUT"/work/composed/*; do [ -e "$f" ] && mv "$f" "$OUT/work/composed-$(basename "$f")"; done
 want modality && run 130 bench_modality_linear python bench/bench_modality_linear.py --out "$OUT/work"
 want layer && run 100 bench_layer python bench/bench_layer.py --out "$OUT/work"
 cp "$OUT"/work/*.json "$OUT"/ 2>/dev/null || true

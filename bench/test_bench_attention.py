@@ -53,7 +53,7 @@ def test_providers_agree(mode):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     layout = SpanLayout.from_image_mask(ba.image_mask(case["B"], case["T"], case["spans"], device))
     results = {}
-    for name in ("ours", "eager_dense_mask", "sdpa_dense_mask", "flex_attention"):
+    for name in ("ours", "eager_dense_mask", "sdpa_dense_mask", "flex_attention", "composed"):
         if not ba.provider_available(name, device, smoke) or (name == "flex_attention" and device.type != "cuda"):
             continue
         fn, kind = ba.build_provider(name, case, layout, dims, dtype, device, mode)
@@ -83,3 +83,15 @@ def test_pytest_benchmark_ours_forward(timed):
     fn, _ = ba.build_provider("ours", case, layout, dims, dtype, device, "fwd")
     ms = timed(fn, device, case=case["name"], provider="ours")
     assert ms > 0
+
+
+def test_cpu_table_cases_and_ratio_table():
+    """The CPU table's shapes (issue 9) and its ratio table from records (no timing here)."""
+    case = ba.cpu_case(4096)
+    assert case["B"] == 1 and case["spans"] == [(35, 576), (4096 - 611, 576)]
+    assert ba.CPU_MODELS == {"0.5B": dict(H=14, Hkv=2, D=64), "7B": dict(H=28, Hkv=4, D=128)}
+    shape = dict(model="0.5B", T=4096)
+    recs = [dict(provider=p, shape=shape, dtype="float32", mode="fwd", ms=ms, peak_memory_mb=mb)
+            for p, ms, mb in (("composed", 110.0, 30.0), ("sdpa_causal", 100.0, 20.0))]
+    text = ba.cpu_ratio_table(recs)
+    assert "| 0.5B | 4096 | float32 | fwd | 110.0 | 100.0 | 1.10 |" in text and text.rstrip().endswith("1.50 |")

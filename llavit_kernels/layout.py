@@ -321,6 +321,60 @@ class SpanLayout:
             query_offset=start,
         )
 
+    def span_completion(self) -> "SpanLayout":
+        """The image-span completion of this layout: what the mask adds to plain causal attention.
+
+        Query ``q`` (key position ``p``) of an image span ``[s, e)`` gets the keys ``(p, e)``: the rest
+        of its own image; text and padding queries get none. Per key, the queries that see an image
+        key ``k`` here are the earlier tokens of its span, ``[s, k)``; other keys are seen by none.
+        Together with :meth:`causal_part` it partitions the mask exactly (the composed backend runs
+        the two parts separately and merges them by log-sum-exp). Tensor ops only, no host sync.
+        """
+        num_q = self.num_queries
+        idx_q = torch.arange(num_q, device=self.device, dtype=torch.int32).expand_as(self.kv_end)
+        pos_q = idx_q + self.query_offset  # key position of each query
+        has_rest = self.is_image & (self.kv_end > pos_q + 1)
+        kv_start = torch.where(has_rest, pos_q + 1, self.kv_end)
+        # Keys in query coordinates; cached-prefix keys (negative) are never image keys here.
+        idx_k = torch.arange(self.num_keys, device=self.device, dtype=torch.int32) - self.query_offset
+        idx_k = idx_k.expand_as(self.q_start)
+        prefix = torch.zeros(self.q_start.shape[:-1] + (self.query_offset,), dtype=torch.bool, device=self.device)
+        key_is_image = torch.cat([prefix, self.is_image], dim=-1)
+        q_end = torch.where(key_is_image, idx_k, self.q_start)
+        q_start = torch.minimum(self.q_start, q_end)
+        return SpanLayout(
+            is_image=self.is_image,
+            kv_start=kv_start.to(torch.int32).contiguous(),
+            kv_end=self.kv_end,
+            q_start=q_start.to(torch.int32).contiguous(),
+            q_end=q_end.to(torch.int32).contiguous(),
+            cu_seqlens=self.cu_seqlens,
+            query_offset=self.query_offset,
+        )
+
+    def causal_part(self) -> "SpanLayout":
+        """The causal part of this layout: every valid query sees ``[kv_start, p]`` (its document's
+        causal prefix, ``p`` its key position); padding stays empty. See :meth:`span_completion`."""
+        num_q = self.num_queries
+        idx_q = torch.arange(num_q, device=self.device, dtype=torch.int32).expand_as(self.kv_end)
+        pos_q = idx_q + self.query_offset
+        valid_q = self.kv_end > self.kv_start
+        kv_end = torch.where(valid_q, pos_q + 1, self.kv_start)
+        idx_k = torch.arange(self.num_keys, device=self.device, dtype=torch.int32) - self.query_offset
+        idx_k = idx_k.expand_as(self.q_start)
+        # Key k is seen by the valid queries from its own position on (never before: no image rows).
+        q_start = torch.maximum(self.q_start, idx_k.clamp(min=0))
+        q_start = torch.minimum(q_start, self.q_end)
+        return SpanLayout(
+            is_image=self.is_image,
+            kv_start=self.kv_start,
+            kv_end=kv_end.to(torch.int32).contiguous(),
+            q_start=q_start.to(torch.int32).contiguous(),
+            q_end=self.q_end,
+            cu_seqlens=self.cu_seqlens,
+            query_offset=self.query_offset,
+        )
+
     def to(self, device) -> "SpanLayout":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return SpanLayout(

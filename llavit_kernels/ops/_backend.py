@@ -1,4 +1,5 @@
-"""Per-call backend choice: Triton kernels on CUDA, the pure-torch reference elsewhere."""
+"""Per-call backend choice: Triton kernels on CUDA, the composed path (causal engine + completion) on
+CPU, the pure-torch reference elsewhere."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "composed")
 
 
 def _probe_triton() -> bool:
@@ -32,12 +33,18 @@ def triton_interpreting() -> bool:
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, op_name: str) -> str:
-    """Return "triton" or "reference" for a call on ``device``; raise with a fix for a bad request."""
+    """Return the backend name for a call on ``device``; raise with a fix for a bad request."""
     if backend is None:
-        return "triton" if device.type == "cuda" and triton_importable() else "reference"
+        if device.type == "cuda" and triton_importable():
+            return "triton"
+        # CPU: the composed path (bench/results/cpu-*.json); the front door may still fall back to
+        # the reference for what an op's backend does not cover.
+        return "composed" if device.type == "cpu" and op_name == "span_attention" else "reference"
     if backend not in BACKENDS:
-        raise ValueError(f"backend: expected None, 'reference' or 'triton', got {backend!r}")
-    if backend == "reference":
+        raise ValueError(f"backend: expected None, {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
+    if backend == "composed" and op_name != "span_attention":
+        raise ValueError(f"{op_name}: backend='composed' exists for span_attention only, got it for {op_name}")
+    if backend in ("reference", "composed"):
         return backend
     if not triton_importable():
         raise RuntimeError(f"{op_name}: backend='triton' needs the triton package, which failed to import")

@@ -94,6 +94,7 @@ def span_attention(
     layout: SpanLayout,
     softmax_scale: Optional[float] = None,
     backend: Optional[str] = None,
+    causal_engine: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention under the LLaViT mask of ``layout``.
 
@@ -103,15 +104,29 @@ def span_attention(
             ``h`` reads KV head ``h // (H // Hkv)``.
         layout: the :class:`SpanLayout` of the batch (``Tk`` is ``layout.num_keys``).
         softmax_scale: defaults to ``1 / sqrt(D)``.
-        backend: ``None`` (Triton on CUDA, reference elsewhere and for what the kernels do not
-            cover: float64, head dims other than 64, 80, 96, 128), ``"reference"`` or ``"triton"``
-            (raises for inputs the kernels do not cover; see docs/span_attention.md).
+        backend: ``None`` (Triton on CUDA, with the reference for what the kernels do not cover:
+            float64, head dims other than 64, 80, 96, 128; ``"composed"`` on CPU), ``"reference"``,
+            ``"triton"`` (raises for inputs the kernels do not cover; see docs/span_attention.md) or
+            ``"composed"`` (a causal attention engine plus the image-span completion, merged by
+            log-sum-exp; CPU and CUDA).
+        causal_engine: ``backend="composed"`` only: force its causal engine (``"cpu_flash"``,
+            ``"flash_attn"``, ``"cudnn"``, ``"torch_flash"``); ``None`` picks the first that covers
+            the call (see ``ops/_causal_engines.py``).
 
     Returns:
         a tensor of q's shape and dtype; query rows with no key (padding) are 0.
     """
     _validate(q, k, v, layout, softmax_scale)
     chosen = resolve_backend(backend, q.device, "span_attention")
+    if causal_engine is not None and chosen != "composed":
+        raise ValueError(f"causal_engine: only used by backend='composed', got backend={backend!r}")
+    if chosen == "composed":
+        from ._span_attention_composed import covers, span_attention_composed
+
+        if backend is None and covers(q, k, layout) is not None:
+            return span_attention_reference(q, k, v, layout, softmax_scale)
+        # Raises ValueError naming the reason when forced on a case it does not cover.
+        return span_attention_composed(q, k, v, layout, softmax_scale, causal_engine)
     uncovered = q.dtype not in TRITON_DTYPES or q.shape[-1] not in TRITON_HEAD_DIMS
     if chosen == "reference" or (backend is None and uncovered):
         if chosen == "triton":  # backend=None on CUDA for an input the kernels do not cover
