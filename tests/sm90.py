@@ -34,25 +34,37 @@ constexpr argument names to values (ints, bools, floats, strings). The result di
     num_warps, num_stages
     hgmma           bool, the SASS contains HGMMA (Hopper warpgroup MMA) instructions
     ptxas_info      the text of cuobjdump's resource-usage report
-    ptxas_warnings  list of ptxas warning lines for this kernel (ptxas is re-run on the PTX with
-                    Triton's flags, so warnings are seen even when the cubin came from Triton's cache)
-    wgmma_serialized  bool: a ptxas warning says wgmma.mma_async was serialised (C7515 and similar):
+    ptxas_log       everything ptxas printed for the kernel's PTX (``-v``; ptxas is re-run on the PTX
+                    with Triton's flags and the PTX's own ``.target``, so the log exists even when
+                    the cubin came from Triton's cache)
+    ptxas_warnings  the lines of that log that are warnings or coded notes: ptxas prints some
+                    performance warnings as ``ptxas info : (C7515) Potential Performance Loss: ...``
+                    (an info line with a code), so both forms are kept (``ptxas_warning_lines``)
+    wgmma_serialized  bool: ptxas says wgmma.mma_async was serialised (C7515 and similar):
                     the async wgmma pipeline silently became a serial one
     hgmma_shapes    {"64x128x16.F32.BF16": count, ...}: the HGMMA instructions in the SASS
     local_insts_in_loops  STL/LDL instructions inside loop bodies (between a backward branch and its
                     target in the SASS); spills outside loops are cheap, these are not
-    wgmma_operands  one dict per shared-memory operand of an async wgmma (ttng.warp_group_dot with
-                    isAsync) in the TTGIR: {"dot", "operand" ("a"/"b"), "shape", "buffers" (leading dim
-                    of the multi-buffered ttg.local_alloc it is read from; 1 for a single buffer;
-                    None when the def chain could not be followed, e.g. a loop-carried block argument),
-                    "pipelined" (read from a mutable buffer, i.e. refilled by async copies)}
+    wgmma_operands  ``wgmma_operands(ttgir)``: one dict per shared-memory operand of an async wgmma
+                    (ttng.warp_group_dot with isAsync) in the TTGIR: {"dot", "operand" ("a"/"b"),
+                    "shape", "buffers" (leading dim of the multi-buffered ttg.local_alloc it is read
+                    from; 1 for a single buffer; None when the def chain could not be followed, e.g. a
+                    loop-carried block argument), "pipelined" (read from a mutable buffer),
+                    "copy_target" (an async copy, cp.async or TMA, writes into that alloc: it is
+                    refilled while the loop runs), "pendings" (the count of the warp_group_dot_wait
+                    that follows the dot, None if none)}
     smem_buffer_issues  list of str: pipelined async-wgmma operands with fewer shared-memory buffers
                     than num_stages (a buffer read by a pending wgmma while cp.async refills it: the
                     race of Triton issue 6691)
+    refill_races    list of str, ``refill_races(wgmma_operands)``: operands an async copy refills
+                    with no more buffers than the wgmmas left pending by the following wait, so the
+                    next copy overwrites what a pending wgmma still reads (the precise form of the
+                    race; it holds for loops that use fewer buffers than num_stages on purpose)
 
 ``sm90_problems(res, shared_limit=H100_SHARED_LIMIT)`` lists what the static rules reject in one
 result (wgmma serialisation, local loads/stores inside loops, shared memory over the limit, too few
-buffers for async wgmma operands, no HGMMA when ``need_hgmma``); ``assert_sm90_ok(res, label)``
+buffers for async wgmma operands (fewer than num_stages, or a refill race), no HGMMA when
+``need_hgmma``); ``assert_sm90_ok(res, label)``
 raises an AssertionError naming each problem; ``compile_sm90_checked(...)`` is ``compile_sm90`` plus
 ``assert_sm90_ok``.
 
@@ -190,93 +202,149 @@ def _local_insts_in_loops(sass: str) -> int:
     )
 
 
-# ----------------------------------------------------------------------------- ptxas warnings
+# ----------------------------------------------------------------------------- ptxas log and warnings
 _WGMMA_SERIAL_RE = re.compile(r"C7515|C7510|wgmma[^\n]*serializ", re.IGNORECASE)
+_PTXAS_CODE_RE = re.compile(r"\(C\d{4}\)")
 
 
-def _ptxas_warnings(ptx: str, arch: str = "sm_90a") -> List[str]:
-    """Warnings ptxas prints for this PTX, with the flags Triton uses (-lineinfo -v). Triton drops
-    the ptxas log unless it fails, and skips ptxas entirely on a cache hit, so re-run it here
-    (about 0.5 s per kernel); the log is cached by the PTX's hash."""
+def ptxas_warning_lines(log: str) -> List[str]:
+    """The lines of a ptxas log that are warnings or coded notes: ptxas prints C7515 (wgmma
+    serialised) as ``ptxas info    : (C7515) Potential Performance Loss: ...``, not as a warning."""
+    return [ln.strip() for ln in log.splitlines() if "warning" in ln.lower() or _PTXAS_CODE_RE.search(ln)]
+
+
+def _ptxas_log(ptx: str, arch: str = "") -> str:
+    """Everything ptxas prints for this PTX, with the flags Triton uses (-lineinfo -v) and the
+    PTX's own ``.target`` (``arch`` is the fallback). Triton drops the ptxas log unless it fails, and
+    skips ptxas entirely on a cache hit, so re-run it here (about 0.5 s per kernel); the log is
+    cached by the PTX's hash."""
     import hashlib
 
     from triton.backends.nvidia.compiler import get_ptxas
 
+    target = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.MULTILINE)
+    arch = target.group(1) if target else (arch or "sm_90a")
     key = hashlib.sha256((arch + ptx).encode()).hexdigest()[:32]
     cache_dir = os.path.join(os.path.expanduser(os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")), "sm90_ptxas")
     cache = os.path.join(cache_dir, key + ".log")
     if os.path.exists(cache):
         with open(cache) as f:
-            log = f.read()
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "kernel.ptx")
-            with open(src, "w") as f:
-                f.write(ptx)
-            proc = subprocess.run(
-                [get_ptxas(90).path, "-lineinfo", "-v", f"--gpu-name={arch}", src, "-o", src + ".o"],
-                capture_output=True, text=True,
-            )
-            log = proc.stdout + proc.stderr
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(cache, "w") as f:
-            f.write(log)
-    return [ln.strip() for ln in log.splitlines() if "warning" in ln.lower()]
+            return f.read()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [get_ptxas(90).path, "-lineinfo", "-v", f"--gpu-name={arch}", src, "-o", src + ".o"],
+            capture_output=True, text=True,
+        )
+        log = proc.stdout + proc.stderr
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(cache, "w") as f:
+        f.write(log)
+    return log
 
 
 # ----------------------------------------------------------------------------- TTGIR: wgmma operand buffers
 _SSA_DEF_RE = re.compile(r"^\s*(%[\w.$-]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
-_MEMDESC_RE = re.compile(r"!ttg\.memdesc<([0-9x]+)x[a-z]+[0-9]*,")
+_SSA_NAME_RE = re.compile(r"%[\w.$#-]+")
+_MEMDESC_RE = re.compile(r"!ttg\.memdesc<([0-9x]+)x[a-zA-Z]\w*,")
 
 
-def _wgmma_operands(ttgir: str) -> List[Dict[str, Any]]:
-    """Shared-memory operands of async wgmmas and the number of buffers behind each."""
-    defs: Dict[str, tuple] = {}
-    dots = []
-    for line in ttgir.splitlines():
-        m = _SSA_DEF_RE.match(line)
-        if not m:
-            continue
-        name, op, rest = m.groups()
-        defs[name] = (op, rest)
-        if op == "ttng.warp_group_dot" and "isAsync = true" in rest:
-            dots.append(rest)
+def wgmma_operands(ttgir: str) -> List[Dict[str, Any]]:
+    """Shared-memory operands of every asynchronous warpgroup MMA, with the buffers behind each.
 
-    def source(value: str, depth: int = 0):
-        """(alloc dims, mutable) of the ttg.local_alloc a memdesc value is a view of, or None."""
+    Each shared operand of a ``ttng.warp_group_dot ... isAsync = true`` is traced back through
+    ``ttg.memdesc_*`` views (``memdesc_index``, ``memdesc_trans``, ...; ``ttng.memdesc_trans`` too) to
+    its ``ttg.local_alloc``, using the latest definition of a name before its use (MLIR scopes names
+    per region, so a name can be defined again in another region). Register operands are skipped.
+    Per operand: ``dot`` (index of the async dot in the TTGIR), ``operand`` ("a"/"b"), ``shape``
+    (list of ints), ``buffers`` (the alloc's leading dim when it has one more dim than the operand,
+    ``3x128x64`` behind ``128x64`` is 3; else 1; None when the chain ends in a block argument or
+    another op), ``pipelined`` (the alloc is mutable; None when unresolved), ``copy_target`` (an async
+    copy, cp.async or TMA ``*copy_global_to_local``, writes into a view of that alloc) and
+    ``pendings`` (the ``pendings`` of the ``warp_group_dot_wait`` within the next 5 lines, else None).
+    """
+    parent: Dict[str, str] = {}  # memdesc view -> the value it is a view of
+    allocs: Dict[str, tuple] = {}  # alloc value -> (line index, dims, mutable), latest definition
+    copy_targets = set()  # line indices of allocs an async copy writes into
+    lines = ttgir.splitlines()
+
+    def root(value: str):
         value = value.split("#")[0]
-        if depth > 16 or value not in defs:
-            return None  # a block argument (loop-carried) or unknown
-        op, rest = defs[value]
-        if op == "ttg.local_alloc":
-            m = _MEMDESC_RE.search(rest.split("->")[-1] if "->" in rest else rest)
-            if not m:
-                return None
-            return [int(d) for d in m.group(1).split("x")], "mutable" in rest.split("->")[-1]
-        if op.startswith("ttg.memdesc_") or op in ("ttg.memdesc_index", "ttg.memdesc_subview"):
-            first = re.match(r"\s*(%[\w.$#-]+)", rest)
-            return source(first.group(1), depth + 1) if first else None
-        return None
+        for _ in range(64):
+            if value not in parent:
+                break
+            value = parent[value].split("#")[0]
+        return allocs.get(value)
 
     found = []
-    for index, rest in enumerate(dots):
-        operands = re.match(r"\s*(%[\w.$#-]+),\s*(%[\w.$#-]+),", rest)
-        types = rest.split("} :", 1)[1] if "} :" in rest else rest.split(" : ", 1)[-1]
-        type_parts = types.split(" * ")
-        for slot, value in zip(("a", "b"), operands.groups() if operands else ()):
-            ty = type_parts[0 if slot == "a" else 1] if len(type_parts) > 1 else ""
-            if "!ttg.memdesc" not in ty:
-                continue  # a register operand (ttg.dot_op layout)
-            shape_m = _MEMDESC_RE.search(ty)
-            shape = [int(d) for d in shape_m.group(1).split("x")] if shape_m else None
-            src = source(value)
-            buffers = pipelined = None
-            if src is not None:
-                dims, mutable = src
-                pipelined = mutable
-                buffers = dims[0] if shape is not None and len(dims) == len(shape) + 1 else 1
-            found.append({"dot": index, "operand": slot, "shape": shape, "buffers": buffers, "pipelined": pipelined})
+    dot_count = 0
+    for i, line in enumerate(lines):
+        m = _SSA_DEF_RE.match(line)
+        name, op, rest = m.groups() if m else (None, "", line)
+        if "copy_global_to_local" in line:  # a TMA copy has no result: look at the whole line then
+            for value in _SSA_NAME_RE.findall(rest if m else line):
+                src = root(value)
+                if src is not None:
+                    copy_targets.add(src[0])
+        if not m:
+            continue
+        parent.pop(name, None)
+        allocs.pop(name, None)
+        if op == "ttg.local_alloc":
+            dm = _MEMDESC_RE.search(rest.split("->")[-1])
+            if dm:
+                allocs[name] = (i, [int(d) for d in dm.group(1).split("x")], "mutable" in rest.split("->")[-1])
+        elif op.startswith("ttg.memdesc_") or op == "ttng.memdesc_trans":
+            src = re.match(r"\s*(%[\w.$#-]+)", rest)
+            if src:
+                parent[name] = src.group(1)
+        elif op == "ttng.warp_group_dot" and "isAsync = true" in rest:
+            operands = re.match(r"\s*(%[\w.$#-]+),\s*(%[\w.$#-]+),", rest)
+            types = rest.split("} :", 1)[1] if "} :" in rest else rest.split(" : ", 1)[-1]
+            type_parts = types.split(" * ")
+            pendings = None
+            for later in lines[i + 1:i + 6]:
+                if "warp_group_dot_wait" in later:
+                    pm = re.search(r"pendings = (\d+)", later)
+                    pendings = int(pm.group(1)) if pm else None
+                    break
+            dot_count += 1
+            for slot, value in zip(("a", "b"), operands.groups() if operands else ()):
+                ty = type_parts[0 if slot == "a" else 1] if len(type_parts) > 1 else ""
+                if "!ttg.memdesc" not in ty:
+                    continue  # a register operand (ttg.dot_op layout)
+                shape_m = _MEMDESC_RE.search(ty)
+                shape = [int(d) for d in shape_m.group(1).split("x")] if shape_m else None
+                src = root(value)
+                entry = {"dot": dot_count - 1, "operand": slot, "shape": shape, "buffers": None, "pipelined": None,
+                         "copy_target": False, "pendings": pendings, "_alloc": None}
+                if src is not None:
+                    line_index, dims, mutable = src
+                    entry.update(
+                        buffers=dims[0] if shape is not None and len(dims) == len(shape) + 1 else 1,
+                        pipelined=mutable, _alloc=line_index,
+                    )
+                found.append(entry)
+    for f in found:
+        f["copy_target"] = f.pop("_alloc") in copy_targets
     return found
+
+
+_wgmma_operands = wgmma_operands  # the name the parser self-test uses
+
+
+def refill_races(operands: List[Dict[str, Any]]) -> List[str]:
+    """Async-wgmma operands an async copy refills with no more shared buffers than the wgmmas the
+    following wait leaves pending: the next copy overwrites a buffer a pending wgmma still reads
+    (Triton issue 6691; the old modality dW/db kernel had it with one buffer and one pending)."""
+    return [
+        f"async wgmma {o['dot']} operand {o['operand']} {o['shape']}: {o['buffers']} shared-memory buffer(s), "
+        f"{o['pendings']} wgmma pending while cp.async refills it"
+        for o in operands
+        if o["copy_target"] and o["buffers"] is not None and (o["pendings"] or 0) >= o["buffers"]
+    ]
 
 
 def _compile_inprocess(
@@ -310,8 +378,9 @@ def _compile_inprocess(
     triton_shared = int(getattr(compiled.metadata, "shared", 0) or 0)
     usage = info["usage"]
     local = usage["LOCAL"] + usage["STACK"]
-    warnings = _ptxas_warnings(compiled.asm["ptx"], "sm_90a" if arch == 90 else f"sm_{arch}")
-    operands = _wgmma_operands(compiled.asm["ttgir"])
+    ptxas_log = _ptxas_log(compiled.asm["ptx"], "sm_90a" if arch == 90 else f"sm_{arch}")
+    warnings = ptxas_warning_lines(ptxas_log)
+    operands = wgmma_operands(compiled.asm["ttgir"])
     buffer_issues = [
         f"async wgmma {o['dot']} operand {o['operand']} {o['shape']}: {o['buffers']} shared-memory buffer(s) "
         f"< num_stages={num_stages}"
@@ -334,10 +403,12 @@ def _compile_inprocess(
         "hgmma_shapes": info["hgmma_shapes"],
         "local_insts_in_loops": info["local_insts_in_loops"],
         "ptxas_info": info["resource_text"],
+        "ptxas_log": ptxas_log,
         "ptxas_warnings": warnings,
         "wgmma_serialized": any(_WGMMA_SERIAL_RE.search(w) for w in warnings),
         "wgmma_operands": operands,
         "smem_buffer_issues": buffer_issues,
+        "refill_races": refill_races(operands),
     }
 
 
@@ -454,6 +525,7 @@ def sm90_problems(res: Dict[str, Any], shared_limit: int = H100_SHARED_LIMIT, ne
     if res["shared_total"] > shared_limit:
         problems.append(f"{res['shared_total']} B shared memory > {shared_limit}")
     problems.extend(res["smem_buffer_issues"])
+    problems.extend(res.get("refill_races", ()))
     if need_hgmma and not res["hgmma"]:
         problems.append("no HGMMA instruction in the SASS")
     return problems

@@ -8,7 +8,7 @@ wgmma serialisation reported by ptxas (C7515), and, in the TTGIR, enough shared 
 every asynchronous wgmma operand that a cp.async never refills a buffer a pending wgmma reads (the
 dW/db race of Triton issue 6691), with the dW kernel prefetching at least two tiles ahead.
 HGMMA shapes are printed per config. No GPU needed; one subprocess pool for all compiles
-(tests/sm90_modality.py on top of tests/sm90.py).
+(tests/sm90.py: compile_sm90_many, wgmma_operands, refill_races).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import inspect
 import pytest
 
 from llavit_kernels.ops import _modality_linear_kernels as kern
-from sm90 import H100_SHARED_LIMIT, compile_sm90
-from sm90_modality import compile_sm90_deep, shared_operands
+import sm90
+from sm90 import H100_SHARED_LIMIT, compile_sm90, compile_sm90_many, refill_races, wgmma_operands
 
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
 
@@ -115,7 +115,7 @@ def compiled():
         "tests/sm90.py: compile_sm90 needs the divisible_by_16 argument (launch specialisation)"
     jobs = _all_jobs()
     ids = [j.pop("_id") for j in jobs]
-    return list(zip(ids, jobs, compile_sm90_deep(jobs)))
+    return list(zip(ids, jobs, compile_sm90_many(jobs)))
 
 
 class _FakeTensor:
@@ -172,7 +172,7 @@ def test_every_config_compiles_for_sm90_without_spills(compiled):
 def test_no_wgmma_serialisation(compiled):
     # ptxas C7515 ("wgmma.mma_async instructions are serialized"): the async pipeline silently
     # becomes a serial one (the removed TMA variant had it, from its two branch main loops)
-    bad = [f"{name}: {[w for w in res['ptxas_warnings'] if 'C7515' in w or 'serialized' in w]}"
+    bad = [f"{name}: {[w for w in res['ptxas_warnings'] if sm90._WGMMA_SERIAL_RE.search(w)]}"
            for name, _, res in compiled if res["wgmma_serialized"]]
     assert not bad, "\n".join(bad)
 
@@ -181,12 +181,21 @@ def test_no_refill_of_a_buffer_a_pending_wgmma_reads(compiled):
     # Every shared operand of an async wgmma that a cp.async (or TMA) refills needs more buffers
     # than the wgmmas left pending by the following wait; with one buffer and one pending wgmma the
     # next copy overwrites what the pending wgmma still reads (the old dW/db kernel did this).
-    bad = []
-    for name, job, res in compiled:
-        for op in res["smem_operands"]:
-            if op["copy_target"] and (op["pendings"] or 0) >= op["buffers"]:
-                bad.append(f"{name}: operand {op['shape']} has {op['buffers']} buffer(s), {op['pendings']} pending wgmma")
+    bad = [f"{name}: {race}" for name, job, res in compiled for race in res["refill_races"]]
     assert not bad, "\n".join(bad)
+
+
+def test_the_pruned_split_dw_config_does_serialise():
+    # end to end for the C7515 capture: the config the split-dW prune drops is reported as serialised
+    # (ptxas prints it as "ptxas info : (C7515) ...", not as a warning); if this fails, either the
+    # capture lost that form or the prune (dw_config_allowed) no longer has a reason
+    dropped = [c for c in kern.dw_configs(interpret=False) if not kern.dw_config_allowed(c, 4)]
+    assert dropped
+    job = _dw_job(dropped[0], "bf16", 4)
+    job.pop("_id")
+    res = compile_sm90_many([job])[0]
+    assert res["wgmma_serialized"], res["ptxas_warnings"]
+    assert any("(C7515)" in w for w in res["ptxas_warnings"]), res["ptxas_warnings"]
 
 
 def test_split_dw_prune_drops_the_serialising_config(monkeypatch):
@@ -204,7 +213,7 @@ def test_pipelined_buffers_match_num_stages(compiled):
     for name, job, res in compiled:
         if job["kernel"] not in (kern.routed_mm_kernel, kern.routed_dw_kernel):
             continue
-        ops = [op for op in res["smem_operands"] if op["copy_target"]]
+        ops = [op for op in res["wgmma_operands"] if op["copy_target"]]
         if not ops:
             bad.append(f"{name}: no pipelined (cp.async-fed) wgmma operand found in the TTGIR")
         want = kern.stage_buffers(job["num_stages"], indirect=job["kernel"] is kern.routed_dw_kernel)
@@ -244,6 +253,31 @@ RACY_TTGIR = """
 def test_race_detector_flags_the_old_dw_kernel():
     # lines cut from the sm_90 TTGIR of the old dW+db kernel (128x64 tile, 4 warps, 3 stages):
     # the detector behind test_no_refill_of_a_buffer_a_pending_wgmma_reads must flag its dY operand
-    ops = shared_operands(RACY_TTGIR)
-    assert ops[0] == {"shape": "128x128", "buffers": 1, "pendings": 1, "copy_target": True}, ops
-    assert ops[1]["buffers"] == 2
+    ops = wgmma_operands(RACY_TTGIR)
+    assert ops[0] == {"dot": 0, "operand": "a", "shape": [128, 128], "buffers": 1, "pipelined": True,
+                      "copy_target": True, "pendings": 1}, ops
+    assert ops[1]["operand"] == "b" and ops[1]["buffers"] == 2 and ops[1]["copy_target"] is False, ops
+    races = refill_races(ops)
+    assert len(races) == 1 and "operand a [128, 128]" in races[0], races
+    # with a second dY buffer the same dot is fine
+    assert not refill_races(wgmma_operands(RACY_TTGIR.replace("1x128x128xbf16", "2x128x128xbf16")))
+    # and the shared rule set (sm90_problems, used by the span-attention tier) reports it too
+    res = dict(name="k", wgmma_serialized=False, ptxas_warnings=[], local_insts_in_loops=0, shared_total=0,
+               smem_buffer_issues=[], refill_races=races, hgmma=True, num_warps=4, num_stages=3, registers=100,
+               hgmma_shapes={})
+    assert sm90.sm90_problems(res) == races
+
+
+def test_ptxas_c7515_info_line_counts_as_serialisation():
+    # ptxas prints C7515 as an info line with a code, not as a warning: it must be captured and flagged
+    log = "\n".join([
+        "ptxas info    : 0 bytes gmem",
+        "ptxas info    : Compiling entry function 'routed_dw_kernel' for 'sm_90a'",
+        "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+        "insufficient register resources for the wgmma pipeline in the function 'routed_dw_kernel'",
+        "ptxas info    : Used 168 registers, used 1 barriers, 0 bytes cumulative stack size",
+    ])
+    lines = sm90.ptxas_warning_lines(log)
+    assert len(lines) == 1 and lines[0].startswith("ptxas info    : (C7515)"), lines
+    assert any(sm90._WGMMA_SERIAL_RE.search(w) for w in lines)
+    assert not sm90.ptxas_warning_lines("ptxas info    : Used 168 registers, used 1 barriers")
