@@ -31,6 +31,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -112,10 +113,18 @@ Dims check_and_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   return d;
 }
 
+// LLAVIT_CPP_POISON=1 (tests): fresh buffers start full of NaN, so an element the kernel forgets to
+// write shows up.
+at::Tensor new_buffer(at::IntArrayRef shape, const at::TensorOptions& options) {
+  const char* poison = std::getenv("LLAVIT_CPP_POISON");
+  if (poison != nullptr && poison[0] == '1') return at::full(shape, std::numeric_limits<float>::quiet_NaN(), options);
+  return at::empty(shape, options);
+}
+
 // fp32, contiguous [B, T, heads, D] (packed: [1, N, heads, D]).
 at::Tensor as_f32(const at::Tensor& t) {
   at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
-  return f.contiguous();
+  return (f.dim() == 3 ? f.unsqueeze(0) : f).contiguous();
 }
 
 // Key range of one query block: [min kv_start, max kv_end) clipped to [0, Tk); empty -> lo >= hi.
@@ -155,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   const Dims d = check_and_dims(q, k, v, kv_start, kv_end);
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
   const at::Tensor ks_t = kv_start.contiguous(), ke_t = kv_end.contiguous();
-  at::Tensor of = at::empty({d.B, d.Tq, d.H, d.D}, q.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({d.B, d.H, d.Tq}, q.options().dtype(at::kFloat));
+  at::Tensor of = new_buffer({d.B, d.Tq, d.H, d.D}, q.options().dtype(at::kFloat));
+  at::Tensor lse = new_buffer({d.B, d.H, d.Tq}, q.options().dtype(at::kFloat));
 
   const float* Q = qf.data_ptr<float>();
   const float* K = kf.data_ptr<float>();
@@ -282,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
   if (grad_lse.has_value() && grad_lse->defined())
     delta.sub_(grad_lse->to(at::kFloat).reshape({B, H, Tq}));
   const at::Tensor ks_t = kv_start.contiguous(), ke_t = kv_end.contiguous();
-  at::Tensor dqf = at::empty({B, Tq, H, D}, q.options().dtype(at::kFloat));
+  at::Tensor dqf = new_buffer({B, Tq, H, D}, q.options().dtype(at::kFloat));
   at::Tensor dkh = at::zeros({B, H, Tk, D}, q.options().dtype(at::kFloat));  // per query head
   at::Tensor dvh = at::zeros({B, H, Tk, D}, q.options().dtype(at::kFloat));
 

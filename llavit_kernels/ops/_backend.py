@@ -1,13 +1,14 @@
-"""Per-call backend choice: Triton kernels on CUDA, the pure-torch reference elsewhere."""
+"""Per-call backend choice: Triton kernels on CUDA, the pure-torch reference elsewhere; the C++
+CPU kernel (csrc/) when asked for by name."""
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpp")
 
 
 def _probe_triton() -> bool:
@@ -31,13 +32,20 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: Optional[str], device: torch.device, op_name: str) -> str:
-    """Return "triton" or "reference" for a call on ``device``; raise with a fix for a bad request."""
+def resolve_backend(
+    backend: Optional[str], device: torch.device, op_name: str, allowed: Tuple[str, ...] = ("reference", "triton")
+) -> str:
+    """Return "triton", "reference" or "cpp" for a call on ``device``; raise with a fix for a bad request."""
     if backend is None:
         return "triton" if device.type == "cuda" and triton_importable() else "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected None, 'reference' or 'triton', got {backend!r}")
+    if backend not in allowed:
+        names = ", ".join(repr(name) for name in allowed[:-1]) + f" or {allowed[-1]!r}"
+        raise ValueError(f"backend: expected None, {names}, got {backend!r}")
     if backend == "reference":
+        return backend
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"{op_name}: backend='cpp' runs on CPU tensors, got a {device.type} tensor")
         return backend
     if not triton_importable():
         raise RuntimeError(f"{op_name}: backend='triton' needs the triton package, which failed to import")

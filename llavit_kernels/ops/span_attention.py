@@ -105,13 +105,23 @@ def span_attention(
         softmax_scale: defaults to ``1 / sqrt(D)``.
         backend: ``None`` (Triton on CUDA, reference elsewhere and for what the kernels do not
             cover: float64, head dims other than 64, 80, 96, 128), ``"reference"`` or ``"triton"``
-            (raises for inputs the kernels do not cover; see docs/span_attention.md).
+            (raises for inputs the kernels do not cover; see docs/span_attention.md), or ``"cpp"``
+            (the C++ CPU kernel of csrc/, built on first use; fp32/fp16/bf16, any head dim; if it
+            cannot be built or ``LLAVIT_NO_CPP=1``, warns once and uses the reference).
 
     Returns:
         a tensor of q's shape and dtype; query rows with no key (padding) are 0.
     """
     _validate(q, k, v, layout, softmax_scale)
-    chosen = resolve_backend(backend, q.device, "span_attention")
+    chosen = resolve_backend(backend, q.device, "span_attention", allowed=("reference", "triton", "cpp"))
+    if chosen == "cpp":
+        from . import _span_attention_cpp as cpp
+
+        cpp.check_cpp_inputs(q)  # raises for float64
+        if cpp.cpp_available():
+            return cpp.span_attention_cpp(q, k, v, layout, softmax_scale)
+        cpp.warn_unavailable()
+        return span_attention_reference(q, k, v, layout, softmax_scale)
     uncovered = q.dtype not in TRITON_DTYPES or q.shape[-1] not in TRITON_HEAD_DIMS
     if chosen == "reference" or (backend is None and uncovered):
         if chosen == "triton":  # backend=None on CUDA for an input the kernels do not cover
