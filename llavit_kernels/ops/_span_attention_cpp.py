@@ -101,6 +101,8 @@ def build_flags() -> list:
     cpu = _cpu_flags()
     if {"avx2", "fma"} <= cpu:
         flags += ["-mavx2", "-mfma"] + (["-mf16c"] if "f16c" in cpu else [])
+        if {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= cpu:
+            flags += ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mprefer-vector-width=512"]
     return flags
 
 
