@@ -170,6 +170,14 @@ inline void block_range(const int32_t* ks, const int32_t* ke, int64_t m0, int64_
   }
 }
 
+// Per-thread scratch, grown on demand and kept between calls: no allocation per task.
+inline float* scratch(int slot, int64_t n) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& b = buffers[slot];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
 // Runs fn(task) for task in order[0..n) on torch's intra-op threads, handing tasks out one at a
 // time (a shared counter), so heavy blocks placed first balance across threads.
 template <typename F>
@@ -238,18 +246,23 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
       }
       return;
     }
-    std::vector<float> sbuf(mr * kBlockN), acc(mr * D, 0.0f), mx(mr, -std::numeric_limits<float>::infinity()),
-        sum(mr, 0.0f);
+    float* sbuf = scratch(0, mr * kBlockN);
+    float* acc = scratch(1, mr * D);
+    float* mx = scratch(2, 2 * mr);
+    float* sum = mx + mr;
+    std::fill(acc, acc + mr * D, 0.0f);
+    std::fill(mx, mx + mr, -std::numeric_limits<float>::infinity());
+    std::fill(sum, sum + mr, 0.0f);
     const at::Tensor Qv = view2d(Q + ((b * Tq + m0) * H + h) * D, mr, D, ldq);
-    at::Tensor Acc = view2d(acc.data(), mr, D, D);
+    at::Tensor Acc = view2d(acc, mr, D, D);
     for (int64_t c0 = lo; c0 < hi; c0 += kBlockN) {
       const int64_t nc = std::min(kBlockN, hi - c0);
       const at::Tensor Kc = view2d(K + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
       const at::Tensor Vc = view2d(V + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
-      at::Tensor S = view2d(sbuf.data(), mr, nc, nc);
+      at::Tensor S = view2d(sbuf, mr, nc, nc);
       at::mm_out(S, Qv, Kc.t());
       for (int64_t i = 0; i < mr; ++i) {
-        float* s = sbuf.data() + i * nc;
+        float* s = sbuf + i * nc;
         const int64_t a = std::max<int64_t>(std::max<int64_t>(ks[m0 + i], 0), c0) - c0;
         const int64_t e = std::min<int64_t>(std::min<int64_t>(ke[m0 + i], Tk), c0 + nc) - c0;
         if (a >= e) {
@@ -265,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
         sum[i] = sum[i] * alpha + row_sum(s + a, e - a);
         mx[i] = m_new;
         if (alpha != 1.0f) {
-          float* ar = acc.data() + i * D;
+          float* ar = acc + i * D;
           for (int64_t j = 0; j < D; ++j) ar[j] *= alpha;
         }
       }
@@ -273,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
     }
     for (int64_t i = 0; i < mr; ++i) {
       float* orow = Ob + i * ldq;
-      const float* ar = acc.data() + i * D;
+      const float* ar = acc + i * D;
       if (sum[i] > 0.0f) {
         const float inv = 1.0f / sum[i];
         for (int64_t j = 0; j < D; ++j) orow[j] = ar[j] * inv;
@@ -342,7 +355,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
     const int64_t ldq = H * D, ldk = Hkv * D;
     float* dKb = dKh + (b * H + h) * Tk * D;
     float* dVb = dVh + (b * H + h) * Tk * D;
-    std::vector<float> pbuf(kBlockM * kBlockN), dpbuf(kBlockM * kBlockN), dqacc(kBlockM * D);
+    float* pbuf = scratch(0, kBlockM * kBlockN);
+    float* dpbuf = scratch(1, kBlockM * kBlockN);
+    float* dqacc = scratch(2, kBlockM * D);
     for (int64_t qb = 0; qb < nqb; ++qb) {
       const int64_t m0 = qb * kBlockM, m1 = std::min(Tq, m0 + kBlockM), mr = m1 - m0;
       int64_t lo, hi;
@@ -352,19 +367,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
         for (int64_t i = 0; i < mr; ++i) std::fill(dQb + i * ldq, dQb + i * ldq + D, 0.0f);
         continue;
       }
-      std::fill(dqacc.begin(), dqacc.begin() + mr * D, 0.0f);
+      std::fill(dqacc, dqacc + mr * D, 0.0f);
       const at::Tensor Qv = view2d(Q + ((b * Tq + m0) * H + h) * D, mr, D, ldq);
       const at::Tensor dOv = view2d(dO + ((b * Tq + m0) * H + h) * D, mr, D, ldq);
-      at::Tensor dQacc = view2d(dqacc.data(), mr, D, D);
+      at::Tensor dQacc = view2d(dqacc, mr, D, D);
       for (int64_t c0 = lo; c0 < hi; c0 += kBlockN) {
         const int64_t nc = std::min(kBlockN, hi - c0);
         const at::Tensor Kc = view2d(K + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
         const at::Tensor Vc = view2d(V + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
-        at::Tensor P = view2d(pbuf.data(), mr, nc, nc);
-        at::Tensor dP = view2d(dpbuf.data(), mr, nc, nc);
+        at::Tensor P = view2d(pbuf, mr, nc, nc);
+        at::Tensor dP = view2d(dpbuf, mr, nc, nc);
         at::mm_out(P, Qv, Kc.t());
         for (int64_t i = 0; i < mr; ++i) {
-          float* s = pbuf.data() + i * nc;
+          float* s = pbuf + i * nc;
           const int64_t a = std::max<int64_t>(std::max<int64_t>(ks[m0 + i], 0), c0) - c0;
           const int64_t e = std::min<int64_t>(std::min<int64_t>(ke[m0 + i], Tk), c0 + nc) - c0;
           const float l = lrow[m0 + i];
@@ -380,8 +395,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
         dVc.addmm_(P.t(), dOv);
         at::mm_out(dP, dOv, Vc.t());
         for (int64_t i = 0; i < mr; ++i) {
-          float* p = pbuf.data() + i * nc;
-          float* dp = dpbuf.data() + i * nc;
+          float* p = pbuf + i * nc;
+          float* dp = dpbuf + i * nc;
           const float dl = drow[m0 + i];
           for (int64_t j = 0; j < nc; ++j) dp[j] = p[j] * (dp[j] - dl);
         }
@@ -391,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
       }
       for (int64_t i = 0; i < mr; ++i) {
         float* row = dQb + i * ldq;
-        const float* ar = dqacc.data() + i * D;
+        const float* ar = dqacc + i * D;
         for (int64_t j = 0; j < D; ++j) row[j] = ar[j] * scale;
       }
     }
