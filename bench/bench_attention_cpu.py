@@ -16,10 +16,10 @@ Providers, measured interleaved in one run (the same load for both):
 
 Time: the fastest of ``--rep`` calls after one warm-up call (``ms``; the median is kept as
 ``median_ms``): on a shared machine the fastest call is the one least disturbed by other processes. Peak memory (measured after all timings, one more
-call per record): the growth of the process's resident set during the call (sampled from
-/proc/self/statm every ~0.2 ms by a thread), with glibc told to return large frees to the OS
-(mallopt), so it counts what the call allocates (outputs, saved tensors, workspaces), not its
-inputs; short-lived peaks between samples can be missed, so it is a lower bound. Effective TFLOP/s: 4 * D * H * allowed pairs
+call per record): the peak growth of the bytes allocated through glibc malloc (``mallinfo2``: heap
+plus mmapped chunks, where torch's CPU allocator and the kernel's buffers live) during the call,
+sampled every ~0.2 ms by a thread: what the call allocates (outputs, saved tensors, workspaces),
+not its inputs; a peak shorter than a sample can be missed, so it is a lower bound. Effective TFLOP/s: 4 * D * H * allowed pairs
 forward, 3.5x that forward+backward (causal credited with its own pairs).
 """
 
@@ -29,6 +29,7 @@ import argparse
 import ctypes
 import datetime as dt
 import gc
+import json
 import math
 import os
 import statistics
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import RESULTS_DIR, make_record, plot_results, save_results  # noqa: E402
+from harness import RESULTS_DIR, load_results, make_record, plot_results, save_results  # noqa: E402
 
 from llavit_kernels import SpanLayout, span_attention  # noqa: E402
 from llavit_kernels.ops import _span_attention_cpp  # noqa: E402
@@ -54,42 +55,51 @@ MODELS = {"0.5B": dict(H=14, Hkv=2, D=64), "7B": dict(H=28, Hkv=4, D=128)}
 IMAGE = 576
 
 
-def _release_large_frees() -> None:
-    """glibc: serve allocations >= 64 KiB with mmap and unmap them on free, so RSS tracks live memory."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use():
+    """Bytes currently allocated through glibc malloc (heap + mmapped chunks): torch's CPU
+    allocator and the kernel's own buffers all come from there. None without glibc >= 2.33."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also turns off the dynamic threshold)
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_growth_bytes(fn):
-    """Peak resident-set growth during one call of ``fn``, sampled every ~0.2 ms by a thread (the
-    ops release the GIL); None where /proc/self/statm is missing."""
-    try:
-        gc.collect()
-        base = _rss_bytes()
-    except OSError:
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
         return None
+    fn.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = fn()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+_IN_USE = _malloc_in_use()
+
+
+def peak_alloc_bytes(fn):
+    """Peak growth of the bytes allocated (glibc mallinfo2) during one call of ``fn``, sampled every
+    ~0.2 ms by a thread (the ops release the GIL), so a lower bound; None without glibc."""
+    if _IN_USE is None:
+        return None
+    gc.collect()
+    base = _IN_USE()
     peak = [base]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], _IN_USE())
             time.sleep(0.0002)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
         fn()
-        peak[0] = max(peak[0], _rss_bytes())
+        peak[0] = max(peak[0], _IN_USE())
     finally:
         done.set()
         sampler.join()
@@ -132,6 +142,18 @@ def make_fn(provider: str, layout: SpanLayout, dims: dict, dtype, mode: str):
     return run
 
 
+def measure_memory(records) -> None:
+    """After all timings (the sampler thread would disturb them): one extra call per record."""
+    for r in records:
+        model, length = r["shape"]["model"], r["shape"]["T"]
+        fn = make_fn(r["provider"], layout_for(length), MODELS[model], getattr(torch, r["dtype"]), r["mode"])
+        fn()
+        peak = peak_alloc_bytes(fn)
+        r["peak_memory_mb"] = None if peak is None else round(peak / 2**20, 2)
+        r["peak_memory_method"] = "mallinfo2 sampled"
+        del fn
+
+
 def ratio_table(records) -> str:
     """model, T, dtype, mode, provider, ms, TFLOP/s, peak MB, and the time ratio to sdpa_causal."""
     base = {(r["shape"]["model"], r["shape"]["T"], r["dtype"], r["mode"]): r["ms"]
@@ -159,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's); 1 is steadier on a loaded machine")
     parser.add_argument("--skip", default="", help="model:T:mode triples to skip, e.g. 7B:4096:fwd+bwd")
+    parser.add_argument("--update-memory", default=None, metavar="JSON",
+                        help="only (re)measure peak memory for the records of an earlier run's JSON, in place")
     parser.add_argument("--name", default="bench_attention_cpu", help="file name stem of the JSON / PNG / table")
     parser.add_argument("--out", default=None, help="folder for JSON + PNG (default bench/results/cpu-<date>)")
     args = parser.parse_args(argv)
@@ -170,6 +194,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     providers = args.providers.split(",")
     skip = set(filter(None, args.skip.split(",")))
+    if args.update_memory:
+        path = Path(args.update_memory)
+        records = load_results(path)
+        measure_memory(records)
+        path.write_text(json.dumps({"benchmark": json.loads(path.read_text())["benchmark"], "records": records}, indent=1))
+        table = ratio_table(records)
+        print(table)
+        table_path = path.parent / f"{args.name}-table.txt"
+        note = table_path.read_text().split("\n\n", 1)[1] if table_path.is_file() and "\n\n" in table_path.read_text() else ""
+        table_path.write_text(table + "\n\n" + note)
+        return 0
     out_dir = Path(args.out or RESULTS_DIR / f"cpu-{dt.datetime.now(dt.timezone.utc):%Y%m%d}")
     load_before = os.getloadavg()[0]
     records = []
@@ -205,16 +240,7 @@ def main(argv=None) -> int:
                     del fns
                     print(f"done {model} T={length} {dtype} {mode}", file=sys.stderr, flush=True)
     load_after = os.getloadavg()[0]
-    # Memory, after all timings: with large frees returned to the OS (slower allocation, so never
-    # while timing), one extra call per record.
-    _release_large_frees()
-    for r in records:
-        model, length = r["shape"]["model"], r["shape"]["T"]
-        fn = make_fn(r["provider"], layout_for(length), MODELS[model], getattr(torch, r["dtype"]), r["mode"])
-        fn()
-        peak = peak_rss_growth_bytes(fn)
-        r["peak_memory_mb"] = None if peak is None else round(peak / 2**20, 2)
-        del fn
+    measure_memory(records)
     for r in records:
         r["loadavg_1min"] = [round(load_before, 2), round(load_after, 2)]
     table = ratio_table(records)
