@@ -12,7 +12,8 @@
 // Layouts: q [B, Tq, H, D] (padded) or [N, H, D] (packed = batch 1, the intervals keep documents
 // apart); k, v [B, Tk, Hkv, D] or [N, Hkv, D]; query head h reads KV head h / (H / Hkv) (GQA by
 // index, no repeat). Tq != Tk for query chunks against a cache: the intervals already carry the
-// offset. Half inputs are converted to fp32 once (O(T) memory) and results rounded at the end.
+// offset. Half inputs: the forward converts K/V once and each query block per task (no fp32 copy of
+// q or out); the backward still converts q, k, v, out, grad_out once (O(T) fp32 copies).
 //
 // Backward (deterministic, no atomics): one task per (batch, query head) walks its query blocks once
 // (5 block products per chunk, exps computed once), owns its dQ rows, and accumulates dK/dV of that
@@ -199,15 +200,24 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& q_start, const at::Tensor& q_end,
                                            double softmax_scale) {
   const Dims d = check_and_dims(q, k, v, kv_start, kv_end);
-  const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
+  // fp32 inputs are read in place. Half inputs: K/V (Hkv heads, small with GQA) are converted once;
+  // each query block is converted when its task starts and its output rounded when it ends, so no
+  // fp32 copy of q or of the output exists.
+  const bool half = q.scalar_type() != at::kFloat;
+  const at::Tensor q4 = (q.dim() == 3 ? q.unsqueeze(0) : q).contiguous();
+  const at::Tensor kf = as_f32(k), vf = as_f32(v);
   const at::Tensor ks_t = kv_start.contiguous(), ke_t = kv_end.contiguous();
-  at::Tensor of = new_buffer({d.B, d.Tq, d.H, d.D}, q.options().dtype(at::kFloat));
+  at::Tensor out4 = new_buffer({d.B, d.Tq, d.H, d.D}, q.options());
   at::Tensor lse = new_buffer({d.B, d.H, d.Tq}, q.options().dtype(at::kFloat));
 
-  const float* Q = qf.data_ptr<float>();
+  const float* Q = half ? nullptr : q4.data_ptr<float>();
+  char* Qraw = static_cast<char*>(q4.data_ptr());
+  char* Oraw = static_cast<char*>(out4.data_ptr());
+  const int64_t esize = q4.element_size();
+  const auto half_opts = at::TensorOptions().dtype(q.scalar_type());
   const float* K = kf.data_ptr<float>();
   const float* V = vf.data_ptr<float>();
-  float* O = of.data_ptr<float>();
+  float* O = half ? nullptr : out4.data_ptr<float>();
   float* L = lse.data_ptr<float>();
   const int32_t* KS = ks_t.data_ptr<int32_t>();
   const int32_t* KE = ke_t.data_ptr<int32_t>();
@@ -238,12 +248,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
     const int32_t* ke = KE + b * Tq;
     float* lrow = L + (b * H + h) * Tq;
     const int64_t ldq = H * D, ldk = Hkv * D;
-    float* Ob = O + ((b * Tq + m0) * H + h) * D;
+    const int64_t off = ((b * Tq + m0) * H + h) * D;  // element offset of the block in q and out
     if (lo >= hi) {  // no row of this block has a key
-      for (int64_t i = 0; i < mr; ++i) {
-        std::fill(Ob + i * ldq, Ob + i * ldq + D, 0.0f);
-        lrow[m0 + i] = std::numeric_limits<float>::infinity();
+      if (half) {
+        at::from_blob(Oraw + off * esize, {mr, D}, {ldq, 1}, half_opts).zero_();
+      } else {
+        for (int64_t i = 0; i < mr; ++i) std::fill(O + off + i * ldq, O + off + i * ldq + D, 0.0f);
       }
+      for (int64_t i = 0; i < mr; ++i) lrow[m0 + i] = std::numeric_limits<float>::infinity();
       return;
     }
     float* sbuf = scratch(0, mr * kBlockN);
@@ -253,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
     std::fill(acc, acc + mr * D, 0.0f);
     std::fill(mx, mx + mr, -std::numeric_limits<float>::infinity());
     std::fill(sum, sum + mr, 0.0f);
-    const at::Tensor Qv = view2d(Q + ((b * Tq + m0) * H + h) * D, mr, D, ldq);
+    const at::Tensor Qv = half ? at::from_blob(Qraw + off * esize, {mr, D}, {ldq, 1}, half_opts).to(at::kFloat)
+                               : view2d(Q + off, mr, D, ldq);
     at::Tensor Acc = view2d(acc, mr, D, D);
     for (int64_t c0 = lo; c0 < hi; c0 += kBlockN) {
       const int64_t nc = std::min(kBlockN, hi - c0);
@@ -285,7 +298,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
       Acc.addmm_(S, Vc);
     }
     for (int64_t i = 0; i < mr; ++i) {
-      float* orow = Ob + i * ldq;
+      // fp32: straight into the output; half: normalise in place, then one rounding copy below.
+      float* orow = half ? acc + i * D : O + off + i * ldq;
       const float* ar = acc + i * D;
       if (sum[i] > 0.0f) {
         const float inv = 1.0f / sum[i];
@@ -296,9 +310,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
         lrow[m0 + i] = std::numeric_limits<float>::infinity();
       }
     }
+    if (half) at::from_blob(Oraw + off * esize, {mr, D}, {ldq, 1}, half_opts).copy_(Acc);
   });
 
-  at::Tensor out = of.to(q.scalar_type());
+  at::Tensor out = out4;
   if (d.packed) {
     out = out.squeeze(0);
     lse = lse.squeeze(0);
