@@ -15,7 +15,7 @@ import torch
 
 from .._checks import check_tensor
 from ..layout import SpanLayout
-from ._backend import resolve_backend
+from ._backend import BACKENDS, resolve_backend
 
 __all__ = ["span_attention", "span_attention_reference"]
 
@@ -87,6 +87,16 @@ def _warn_fallback(q: torch.Tensor) -> None:
         )
 
 
+# backend=None on CPU, per dtype: "cpp" (csrc/, when it builds) or "composed". The one place this
+# choice is made; it follows the same-run CPU comparison in bench/results/ (see README "Performance").
+CPU_DEFAULT_BY_DTYPE = {torch.float32: "cpp", torch.float16: "cpp", torch.bfloat16: "cpp", torch.float64: "composed"}
+
+
+def _cpu_default_backend(q: torch.Tensor, k: torch.Tensor, layout: SpanLayout) -> str:
+    """The engine ``backend=None`` runs on CPU (the C++ kernel falls back to composed if it cannot build)."""
+    return CPU_DEFAULT_BY_DTYPE.get(q.dtype, "composed")
+
+
 def span_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -105,10 +115,12 @@ def span_attention(
         layout: the :class:`SpanLayout` of the batch (``Tk`` is ``layout.num_keys``).
         softmax_scale: defaults to ``1 / sqrt(D)``.
         backend: ``None`` (Triton on CUDA, with the reference for what the kernels do not cover:
-            float64, head dims other than 64, 80, 96, 128; ``"composed"`` on CPU), ``"reference"``,
-            ``"triton"`` (raises for inputs the kernels do not cover; see docs/span_attention.md) or
-            ``"composed"`` (a causal attention engine plus the image-span completion, merged by
-            log-sum-exp; CPU and CUDA).
+            float64, head dims other than 64, 80, 96, 128; on CPU the C++ kernel when it builds, else
+            the composed path: see ``_cpu_default_backend``), ``"reference"``, ``"triton"`` (raises for
+            inputs the kernels do not cover; see docs/span_attention.md), ``"composed"`` (a causal
+            attention engine plus the image-span completion, merged by log-sum-exp; CPU and CUDA) or
+            ``"cpp"`` (the C++ CPU kernel of csrc/, built on first use; fp32/fp16/bf16, any head dim;
+            if it cannot be built or ``LLAVIT_NO_CPP=1``, warns once and uses the composed path).
         causal_engine: ``backend="composed"`` only: force its causal engine (``"cpu_flash"``,
             ``"flash_attn"``, ``"cudnn"``, ``"torch_flash"``); ``None`` picks the first that covers
             the call (see ``ops/_causal_engines.py``).
@@ -117,13 +129,23 @@ def span_attention(
         a tensor of q's shape and dtype; query rows with no key (padding) are 0.
     """
     _validate(q, k, v, layout, softmax_scale)
-    chosen = resolve_backend(backend, q.device, "span_attention")
+    chosen = resolve_backend(backend, q.device, "span_attention", allowed=BACKENDS)
     if causal_engine is not None and chosen != "composed":
         raise ValueError(f"causal_engine: only used by backend='composed', got backend={backend!r}")
+    if chosen == "cpu_default":
+        chosen = _cpu_default_backend(q, k, layout)
+    if chosen == "cpp":
+        from . import _span_attention_cpp as cpp
+
+        cpp.check_cpp_inputs(q)  # raises for float64
+        if cpp.cpp_available():
+            return cpp.span_attention_cpp(q, k, v, layout, softmax_scale)
+        cpp.warn_unavailable()
+        chosen = "composed"
     if chosen == "composed":
         from ._span_attention_composed import covers, span_attention_composed
 
-        if backend is None and covers(q, k, layout) is not None:
+        if backend in (None, "cpp") and covers(q, k, layout) is not None:
             return span_attention_reference(q, k, v, layout, softmax_scale)
         # Raises ValueError naming the reason when forced on a case it does not cover.
         return span_attention_composed(q, k, v, layout, softmax_scale, causal_engine)
