@@ -27,8 +27,11 @@ def _batch(tok, n=3, packed=False, stage=2):
 
 def test_default_feature_layers():
     assert default_feature_layers(24) == [5, 15, 23]
-    assert default_feature_layers(4) == [1, 2, 4]
-    assert default_feature_layers(6) == [1, 4, 6]
+    assert default_feature_layers(4) == [1, 2, 3]
+    assert default_feature_layers(6) == [1, 4, 5]
+    for n in range(2, 40):  # the global feature is always the penultimate block, as 23 of CLIP-L's 24
+        layers = default_feature_layers(n)
+        assert layers[-1] == n - 1 and layers == sorted(set(layers)) and layers[0] >= 1
     cfg = LlavitConfig(vision=dict(num_hidden_layers=3, hidden_size=8, image_size=32, patch_size=8), feature_layers=[7])
     with pytest.raises(ValueError, match="feature_layers"):
         cfg.resolved_feature_layers

@@ -70,12 +70,18 @@ class TextConfig:
 def default_feature_layers(num_vision_layers: int) -> List[int]:
     """Hidden-state indices (0 = embeddings, i = output of layer i) for LLaViT's local + global features.
 
-    ViT-L/14 (24 layers): 5, 15, 23 as in the paper. Other depths scale those indices, so a 6-layer
-    tiny tower gets 1, 4, 6 and a 4-layer one 1, 2, 4.
+    ViT-L/14 (24 layers): 5, 15, 23 as in the paper. 23 is the PENULTIMATE block, the global
+    feature LLaVA-1.5 uses on its own (``[-2]``), so for other depths n the last index is n - 1 and
+    the first two scale 5/24 and 15/24 of the depth: a 6-layer tiny tower gets 1, 4, 5 and a
+    4-layer one 1, 2, 3. (The final block is never used, as in CLIP-based LLaVA.)
     """
-    if num_vision_layers == 24:
+    n = int(num_vision_layers)
+    if n < 1:
+        raise ValueError(f"num_vision_layers: expected >= 1, got {n}")
+    if n == 24:
         return [5, 15, 23]
-    picked = [max(1, min(num_vision_layers, round(i * num_vision_layers / 24))) for i in (5, 15, 23)]
+    top = max(1, n - 1)
+    picked = [max(1, min(top, round(i * n / 24))) for i in (5, 15)] + [top]
     return sorted(set(picked))
 
 

@@ -30,7 +30,8 @@ def _train_args(p: argparse.ArgumentParser):
 
     d = TrainConfig()
     g = p.add_argument_group("model")
-    g.add_argument("--init-from", help="a LLaViT checkpoint dir (llavit_config.json + model.safetensors)")
+    g.add_argument("--init-from", help="a LLaViT checkpoint dir (llavit_config.json + model.safetensors), or a run's "
+                   "--output-dir (its latest checkpoint-<step>)")
     g.add_argument("--vision", help="local CLIP vision dir (transformers format)")
     g.add_argument("--llm", help="local Qwen2 / Qwen2.5 dir (transformers format)")
     g.add_argument("--tiny", action="store_true", help="random tiny model + the synthetic word tokenizer")
@@ -43,21 +44,30 @@ def _train_args(p: argparse.ArgumentParser):
     g.add_argument("--data-format", choices=["llava", "caption"], default="llava")
     g.add_argument("--image-root", help="directory that image paths are relative to")
     g.add_argument("--max-length", type=int, default=2048)
+    g.add_argument("--image-aspect", choices=["pad", "crop"], default="pad",
+                   help="pad to a square with the CLIP mean colour (LLaVA-1.5, default) or centre-crop")
     g.add_argument("--num-samples", type=int, default=4000, help="synthetic: number of samples")
     g.add_argument("--on-bad-data", choices=["skip", "error"], default="skip")
     g = p.add_argument_group("training")
     g.add_argument("--stage", type=int, choices=[1, 2], default=1)
     g.add_argument("--output-dir", default=d.output_dir)
-    g.add_argument("--max-steps", type=int, default=d.max_steps)
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank, per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    g.add_argument("--lr", type=float, default=d.lr)
+    # Schedule and batch: unset values come from the paper's recipe for --stage (train/recipe.py):
+    # lr 1e-3 / 2e-5, global batch 256 / 128, one epoch, warm-up 3% of the steps, cosine to 0.
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1); sets the steps")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per optimizer step over all ranks (default 256 stage 1, 128 stage 2)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="per rank, per micro-batch (default: derived from the global batch, at most 32 / 16)")
+    g.add_argument("--grad-accum", type=int, default=None, help="default: derived from the global batch")
+    g.add_argument("--lr", type=float, default=None, help="default 1e-3 stage 1, 2e-5 stage 2 (every trainable group)")
     g.add_argument("--trainable", action="append",
                    help="REGEX or REGEX=LR over parameter names (repeatable); default per stage: "
                         "stage 1 projector + *_proj_image, stage 2 adds language_model")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: --warmup-ratio of the steps")
+    g.add_argument("--warmup-ratio", type=float, default=None, help="default 0.03")
+    g.add_argument("--min-lr-ratio", type=float, default=None, help="cosine floor as a fraction of lr (default 0)")
+    g.add_argument("--weight-decay", type=float, default=None, help="default 0")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     g.add_argument("--packing", action="store_true", help="pack samples into one row with cu_seqlens")
     g.add_argument("--bf16", choices=["auto", "on", "off"], default=d.bf16)
@@ -107,6 +117,7 @@ def build_model_and_tokenizer(args):
 
     sw = _switches(args)
     if args.init_from:
+        args.init_from = resolve_checkpoint(args.init_from)
         model = LlavitForConditionalGeneration.load(args.init_from, **sw)
         tok_dir = args.tokenizer or (os.path.join(args.init_from, "tokenizer") if os.path.isdir(os.path.join(args.init_from, "tokenizer")) else None)
         tokenizer = load_tokenizer(tok_dir) if tok_dir else _word_tokenizer_for(model, args.init_from)
@@ -133,7 +144,7 @@ def build_dataset(args, model, tokenizer, rank=0):
 
     cfg = model.config
     proc = SampleProcessor(tokenizer, int(cfg.vision["image_size"]), cfg.num_image_tokens, args.max_length,
-                           image_root=args.image_root)
+                           image_root=args.image_root, image_aspect=getattr(args, "image_aspect", "pad"))
     if args.data == "synthetic":
         records = synthetic_samples(args.num_samples, args.seed + args.stage, args.stage, int(cfg.vision["image_size"]))
     elif args.data_format == "caption":
@@ -152,10 +163,18 @@ def cmd_train(args):
     rank, world, device = init_distributed()
     model, tokenizer = build_model_and_tokenizer(args)
     dataset = build_dataset(args, model, tokenizer, rank)
+    from .recipe import resolve_schedule
+
+    sched = resolve_schedule(args.stage, len(dataset), world, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+                             global_batch_size=args.global_batch_size, batch_size=args.batch_size,
+                             grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
+                             min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay)
+    if rank == 0:
+        log.info("schedule (stage %d recipe + arguments): %s", args.stage, sched)
     cfg = TrainConfig(
-        output_dir=args.output_dir, stage=args.stage, max_steps=args.max_steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, trainable=args.trainable, warmup_steps=args.warmup_steps,
-        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        output_dir=args.output_dir, stage=args.stage, max_steps=sched["max_steps"], batch_size=sched["batch_size"],
+        grad_accum=sched["grad_accum"], lr=sched["lr"], trainable=args.trainable, warmup_steps=sched["warmup_steps"],
+        min_lr_ratio=sched["min_lr_ratio"], weight_decay=sched["weight_decay"], max_grad_norm=args.max_grad_norm,
         packing=args.packing, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, save_every=args.save_every,
         resume=args.resume, seed=args.seed, parallel=args.parallel, num_workers=args.num_workers,
         progress=not args.no_progress,
@@ -180,12 +199,27 @@ def cmd_train(args):
     return summary if rank == 0 else None
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint dir as given, or a run's ``--output-dir``: then its latest ``checkpoint-<step>``."""
+    from ..models.llavit import CONFIG_NAME
+    from .trainer import latest_checkpoint
+
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise SystemExit(f"checkpoint: {path} is neither a checkpoint (no {CONFIG_NAME}) nor a run directory "
+                         "holding checkpoint-<step>/ directories")
+    return latest
+
+
 def eval_checkpoint(checkpoint, num=400, seed=0, device=None, batch_size=100):
     from ..data.synthetic import HELDOUT_SEED_OFFSET, synthetic_samples
     from ..data.tokenizer import load_tokenizer
     from ..models.llavit import LlavitForConditionalGeneration
     from .evaluate import evaluate_synthetic
 
+    checkpoint = resolve_checkpoint(checkpoint)
     model = LlavitForConditionalGeneration.load(checkpoint)
     if device is not None:
         model.to(device)
@@ -242,7 +276,7 @@ def main(argv=None):
     _train_args(p)
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="held-out synthetic accuracy + sample generations of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run's --output-dir (latest checkpoint)")
     p.add_argument("--num", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the result JSON here")
