@@ -152,7 +152,7 @@ def test_from_pretrained_local_dirs(tmp_path, tok):
     hf.save_pretrained(str(tmp_path / "qwen"))
     model = LlavitForConditionalGeneration.from_pretrained(str(tmp_path / "clip"), str(tmp_path / "qwen"),
                                                            image_token_id=tok.image_token_id)
-    assert model.config.resolved_feature_layers == [1, 2, 3]
+    assert model.config.resolved_feature_layers == [1, 2]  # 3 blocks: the penultimate (2) is the global feature
     ids = torch.randint(6, len(tok), (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids)[0], hf(ids).logits, rtol=1e-4, atol=1e-4)
