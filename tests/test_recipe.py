@@ -95,3 +95,24 @@ def test_pad_to_square_with_clip_mean_is_the_default():
     torch.testing.assert_close(y[:, 0, 12], white, atol=0.02, rtol=0)
     with pytest.raises(ValueError, match="aspect"):
         clip_preprocess(img, 24, aspect="stretch")
+
+
+def test_cli_epochs_and_global_batch_then_eval_the_run_dir(tmp_path, capsys):
+    """`train --epochs 1 --global-batch-size 16 --batch-size 8` on 32 samples: 2 accumulation steps per
+    optimizer step, 2 steps; warm-up ceil(3% x 2) = 1; `eval --checkpoint RUN_DIR` finds its checkpoint."""
+    import json
+
+    from llavit_kernels.train.__main__ import main
+
+    out = tmp_path / "run"
+    main(["train", "--tiny", "--stage", "1", "--num-samples", "32", "--epochs", "1", "--global-batch-size", "16",
+          "--batch-size", "8", "--no-progress", "--output-dir", str(out)])
+    log = json.load(open(out / "log.json"))
+    cfg = log["config"]
+    assert (log["step"], cfg["batch_size"], cfg["grad_accum"], cfg["warmup_steps"]) == (2, 8, 2, 1)
+    assert (cfg["lr"], cfg["min_lr_ratio"]) == (1e-3, 0.0)  # stage 1 of the recipe
+    capsys.readouterr()
+    main(["eval", "--checkpoint", str(out), "--num", "6", "--output", str(tmp_path / "ev.json")])
+    assert json.load(open(tmp_path / "ev.json"))["n"] == 6
+    with pytest.raises(SystemExit, match="neither a checkpoint"):
+        main(["eval", "--checkpoint", str(tmp_path), "--num", "6"])
