@@ -28,7 +28,7 @@ def test_scenes_captions_and_questions(tok):
         assert len({(s.colour, s.kind) for s in shapes}) == len(shapes)  # every object named uniquely
         assert len({(s.row, s.col) for s in shapes}) == len(shapes)
         cap = caption(shapes)
-        assert cap.count(" with a ") == len(shapes)
+        assert cap.count(",") == len(shapes) - 1 and all(f"{s.colour} {s.kind} {s.digit}" in cap for s in shapes)
     samples = synthetic_samples(60, 3, 2, 48) + synthetic_samples(5, 3, 1, 48) + text_samples(60, 3)
     for s in samples:  # every word is in the vocabulary
         for turn in s["conversations"]:

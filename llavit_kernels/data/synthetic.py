@@ -5,8 +5,8 @@ distinct (colour, shape) pair (4 colours x circle / square / triangle), big or s
 digit (3 x 5 pixels at 48 px) stamped on it. Every object is therefore named uniquely by "the
 {colour} {shape}".
 
-* Stage 1 (``stage=1``): a DENSE caption listing every object, its size, digit and grid cell
-  ("a big red square with a 7 at top left , a small blue circle with a 2 at middle centre .").
+* Stage 1 (``stage=1``): a DENSE caption listing every object, its size, colour, shape, digit and
+  grid cell, compactly ("big red square 7 top left , small blue circle 2 middle centre .").
 * Stage 2 (``stage=2``): one question per image, kinds round-robin over :data:`QUESTION_KINDS`:
   the vision-centric kinds where the paper reports its gains (``count`` up to five,
   ``relation`` left/right/above/below, ``size`` bigger/smaller, ``shape``), an OCR-like kind
@@ -146,7 +146,7 @@ def render(shapes: List[Shape], size: int, rng: random.Random) -> torch.Tensor:
 
 def caption(shapes: List[Shape]) -> str:
     """Dense caption: every object with its size, colour, shape, digit and grid cell, in reading order."""
-    parts = [f"a {s.size} {s.colour} {s.kind} with a {s.digit} at {ROWS[s.row]} {COLS[s.col]}"
+    parts = [f"{s.size} {s.colour} {s.kind} {s.digit} {ROWS[s.row]} {COLS[s.col]}"
              for s in sorted(shapes, key=lambda s: (s.row, s.col))]
     return " , ".join(parts) + " ."
 
@@ -223,7 +223,7 @@ def synthetic_samples(num: int, seed: int, stage: int, image_size: int, max_shap
     return samples
 
 
-def text_samples(num: int, seed: int, max_shapes: int = 5, copy_share: float = 0.25,
+def text_samples(num: int, seed: int, max_shapes: int = 5, copy_share: float = 0.1,
                  kinds=QUESTION_KINDS) -> List[dict]:
     """Text-only samples (no image): the scene's caption stands where the image would be.
 

@@ -55,7 +55,7 @@ class DemoSize:
     vit_batch: int = 48
     vit_lr: float = 3e-3
     lm_samples: int = 12000
-    lm_steps: int = 400
+    lm_steps: int = 600
     lm_batch: int = 32
     lm_lr: float = 4e-3
     # the two stages
