@@ -111,3 +111,17 @@ def test_quick_demo_end_to_end_and_cache(tmp_path):
     again = main_demo(str(tmp_path), variants=["LLaVA-1.5 baseline"], progress=False, size=size)
     assert again["pretraining"][0]["cached"]  # pre-trained parts reused, per seed
     assert again["results"][0]["eval_stage2"] == summary["results"][0]["eval_stage2"]  # deterministic
+
+
+def test_multi_seed_table(tmp_path):
+    """--long's path: several seeds, each with its own pre-trained parts, mean ± s.e. over seeds."""
+    size = DemoSize(**{**QUICK.__dict__, "n_heldout": 12, "n_text_heldout": 6, "seeds": 2})
+    summary = main_demo(str(tmp_path), variants=["+ multi-layer (= LLaViT)", "control: LLaViT, image-to-image blocked"],
+                        progress=False, size=size, seed=3)
+    assert len(summary["results_per_seed"]) == 2 and len(summary["verdicts"]) == 2
+    for s in (3, 4):
+        assert os.path.exists(tmp_path / "pretrained" / f"seed{s}" / "meta.json")
+        assert os.path.exists(tmp_path / f"seed{s}" / "multi_layer_llavit" / "history.json")
+    table = open(tmp_path / "table.md").read()
+    assert "### seed 3" in table and "### seed 4" in table and "mean ± s.e. over 2 seeds" in table
+    assert os.path.exists(tmp_path / "accuracy.png") and os.path.exists(tmp_path / "loss_curves.png")

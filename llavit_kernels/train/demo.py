@@ -18,7 +18,6 @@ size and reports mean +/- standard error over the seeds.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math

@@ -107,7 +107,7 @@ def pretrain_language_model(model, tokenizer, seed: int, n_samples: int, steps: 
     the text-only held-out accuracy per question kind.
     """
     from ..data.datasets import SafeDataset, SampleProcessor
-    from ..data.synthetic import HELDOUT_SEED_OFFSET, text_samples
+    from ..data.synthetic import text_samples
     from .evaluate import evaluate_synthetic
     from .trainer import TrainConfig, train
 
