@@ -1,13 +1,15 @@
 """``llavit-train`` / ``python -m llavit_kernels.train``: train, evaluate, or run the CPU demo (main job).
 
-  llavit-train demo [--quick] [--output-dir runs/demo]      # tiny LLaViT, both stages, ablation table
+  llavit-train demo [--quick | --long] [--output-dir runs/demo]   # the ablation in miniature (CPU)
   llavit-train train --stage 1 --vision CLIP_DIR --llm QWEN_DIR --data caps.json --data-format caption \\
       --image-root IMGS --output-dir runs/s1
-  llavit-train train --stage 2 --init-from runs/s1/checkpoint-N --data llava.json --image-root IMGS \\
-      --output-dir runs/s2
+  llavit-train train --stage 2 --init-from runs/s1 --data llava.json --image-root IMGS --output-dir runs/s2
   llavit-train train --stage 2 --tiny --data synthetic --output-dir runs/tiny     # synthetic data
-  llavit-train eval --checkpoint runs/s2/checkpoint-N [--num 400]
+  llavit-train eval --checkpoint runs/s2 [--num 400]      # a run dir means its latest checkpoint
   torchrun --nproc-per-node 8 -m llavit_kernels.train train ... --parallel fsdp
+
+Unset schedule and batch options follow the paper's recipe for the stage (train/recipe.py): lr 1e-3 /
+2e-5, global batch 256 / 128, one epoch, warm-up 3% of the steps, cosine to 0, pad-to-square images.
 
 ``--demo`` / ``--quick`` as the first argument mean ``demo`` / ``demo --quick``.
 """
