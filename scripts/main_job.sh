@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: install, then train a tiny LLaViT through both stages on the built-in synthetic data
-# on the CPU, evaluate it and print the miniature ablation table (LLaViT vs LLaVA-1.5 and
-# single-component ablations). Outputs: $OUT_DIR/{results.json,table.md,loss_curves.png,*/loss.png}.
+# The main job: install, then run the paper's ablation in miniature on the CPU (pre-trains a tiny ViT
+# and a tiny text-only LM, trains the LLaVA-1.5 baseline, + image QKV, + bidirectional, + multi-layer
+# = LLaViT and the image-to-image-blocked control through both stages, evaluates after each stage).
+# Outputs: $OUT_DIR/{results.json,table.md,accuracy.png,loss_curves.png,pretrained/,*/loss.png}.
 #   scripts/main_job.sh            # full main job
 #   scripts/main_job.sh --quick    # CI-size smoke run
 set -euo pipefail

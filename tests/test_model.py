@@ -27,8 +27,11 @@ def _batch(tok, n=3, packed=False, stage=2):
 
 def test_default_feature_layers():
     assert default_feature_layers(24) == [5, 15, 23]
-    assert default_feature_layers(4) == [1, 2, 4]
-    assert default_feature_layers(6) == [1, 4, 6]
+    assert default_feature_layers(4) == [1, 2, 3]
+    assert default_feature_layers(6) == [1, 4, 5]
+    for n in range(2, 40):  # the global feature is always the penultimate block, as 23 of CLIP-L's 24
+        layers = default_feature_layers(n)
+        assert layers[-1] == n - 1 and layers == sorted(set(layers)) and layers[0] >= 1
     cfg = LlavitConfig(vision=dict(num_hidden_layers=3, hidden_size=8, image_size=32, patch_size=8), feature_layers=[7])
     with pytest.raises(ValueError, match="feature_layers"):
         cfg.resolved_feature_layers
@@ -149,7 +152,7 @@ def test_from_pretrained_local_dirs(tmp_path, tok):
     hf.save_pretrained(str(tmp_path / "qwen"))
     model = LlavitForConditionalGeneration.from_pretrained(str(tmp_path / "clip"), str(tmp_path / "qwen"),
                                                            image_token_id=tok.image_token_id)
-    assert model.config.resolved_feature_layers == [1, 2, 3]
+    assert model.config.resolved_feature_layers == [1, 2]  # 3 blocks: the penultimate (2) is the global feature
     ids = torch.randint(6, len(tok), (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids)[0], hf(ids).logits, rtol=1e-4, atol=1e-4)

@@ -113,8 +113,9 @@ def test_demo_small(tmp_path):
     from llavit_kernels.train.demo import main_demo
 
     size = DemoSize(image_size=32, patch_size=8, vision_hidden=32, vision_layers=3, text_hidden=32, text_layers=2,
-                    n_caption=32, n_qa=48, n_heldout=16, stage1_steps=2, stage2_steps=3, batch_size=8)
-    summary = main_demo(str(tmp_path), variants=["LLaViT (all three)", "LLaVA-1.5 baseline (all off)"],
+                    vit_images=32, vit_steps=2, vit_batch=8, lm_samples=32, lm_steps=2, lm_batch=8, n_caption=32,
+                    n_qa=48, n_heldout=16, n_text_heldout=8, stage1_steps=2, stage2_steps=3, batch_size=8)
+    summary = main_demo(str(tmp_path), variants=["+ multi-layer (= LLaViT)", "LLaVA-1.5 baseline"],
                         progress=False, size=size)
     assert len(summary["results"]) == 2
     for f in ("results.json", "table.md", "loss_curves.png"):

@@ -60,13 +60,21 @@ def _pil_to_rgb(image):
 
 
 # ------------------------------------------------------------------------------------ images
-def clip_preprocess(image, size: int) -> torch.Tensor:
-    """CLIP preprocessing (resize shortest edge bicubic, centre crop, CLIP mean/std) -> ``[3, size, size]`` float.
+IMAGE_ASPECTS = ("pad", "crop")
 
+
+def clip_preprocess(image, size: int, aspect: str = "pad") -> torch.Tensor:
+    """CLIP preprocessing -> ``[3, size, size]`` float, normalised with the CLIP mean/std.
+
+    ``aspect="pad"`` (the default, LLaVA-1.5's ``image_aspect_ratio pad``): pad the image to a square
+    with the CLIP mean colour, centred, then resize to ``size`` (bicubic), so nothing is cut off.
+    ``aspect="crop"``: resize the shortest edge to ``size`` (bicubic) and centre-crop (CLIP's own).
     ``image``: a PIL image, or a uint8 ``[3, H, W]`` tensor.
     """
     from PIL import Image
 
+    if aspect not in IMAGE_ASPECTS:
+        raise ValueError(f"aspect: expected one of {IMAGE_ASPECTS}, got {aspect!r}")
     if isinstance(image, torch.Tensor):
         if tuple(image.shape[-2:]) != (size, size):
             image = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
@@ -75,6 +83,11 @@ def clip_preprocess(image, size: int) -> torch.Tensor:
             return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
     image = _pil_to_rgb(image)
     w, h = image.size
+    if aspect == "pad" and w != h:
+        side = max(w, h)
+        square = Image.new("RGB", (side, side), tuple(int(c * 255) for c in CLIP_MEAN))
+        square.paste(image, ((side - w) // 2, (side - h) // 2))
+        image, w, h = square, side, side
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     image = image.resize((nw, nh), Image.BICUBIC)
@@ -219,7 +232,10 @@ class SampleProcessor:
     """Turns a raw record into model inputs (see the module docstring)."""
 
     def __init__(self, tokenizer, image_size: int, num_image_tokens: int, max_length: int,
-                 image_root: Optional[str] = None):
+                 image_root: Optional[str] = None, image_aspect: str = "pad"):
+        if image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image_aspect: expected one of {IMAGE_ASPECTS}, got {image_aspect!r}")
+        self.image_aspect = image_aspect
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.num_image_tokens = num_image_tokens
@@ -235,7 +251,7 @@ class SampleProcessor:
         out = []
         for im in images:
             if isinstance(im, torch.Tensor):
-                out.append(clip_preprocess(im, self.image_size))
+                out.append(clip_preprocess(im, self.image_size, self.image_aspect))
                 continue
             path = im if self.image_root is None or os.path.isabs(im) else os.path.join(self.image_root, im)
             if not os.path.isfile(path):
@@ -244,7 +260,7 @@ class SampleProcessor:
                 from PIL import Image
 
                 with Image.open(path) as pil:
-                    out.append(clip_preprocess(pil, self.image_size))
+                    out.append(clip_preprocess(pil, self.image_size, self.image_aspect))
             except Exception as e:  # unreadable / truncated file
                 raise BadSample(f"unreadable image file {path}: {e}") from e
         return out

@@ -70,12 +70,18 @@ class TextConfig:
 def default_feature_layers(num_vision_layers: int) -> List[int]:
     """Hidden-state indices (0 = embeddings, i = output of layer i) for LLaViT's local + global features.
 
-    ViT-L/14 (24 layers): 5, 15, 23 as in the paper. Other depths scale those indices, so a 6-layer
-    tiny tower gets 1, 4, 6 and a 4-layer one 1, 2, 4.
+    ViT-L/14 (24 layers): 5, 15, 23 as in the paper. 23 is the PENULTIMATE block, the global
+    feature LLaVA-1.5 uses on its own (``[-2]``), so for other depths n the last index is n - 1 and
+    the first two scale 5/24 and 15/24 of the depth: a 6-layer tiny tower gets 1, 4, 5 and a
+    4-layer one 1, 2, 3. (The final block is never used, as in CLIP-based LLaVA.)
     """
-    if num_vision_layers == 24:
+    n = int(num_vision_layers)
+    if n < 1:
+        raise ValueError(f"num_vision_layers: expected >= 1, got {n}")
+    if n == 24:
         return [5, 15, 23]
-    picked = [max(1, min(num_vision_layers, round(i * num_vision_layers / 24))) for i in (5, 15, 23)]
+    top = max(1, n - 1)
+    picked = [max(1, min(top, round(i * n / 24))) for i in (5, 15)] + [top]
     return sorted(set(picked))
 
 
@@ -86,6 +92,9 @@ class LlavitConfig:
     feature_layers: Optional[List[int]] = None  # None: default_feature_layers(depth); [-2]: LLaVA-1.5
     separate_image_qkv: bool = True
     bidirectional_image: bool = True
+    # Positive control of the ablation (the paper's "no LLM-side update of visual tokens"): each
+    # image token attends to itself only, never to other image tokens; text attends as usual.
+    block_image_to_image: bool = False
     image_token_id: int = 3
     pad_token_id: int = 0
     eos_token_id: int = 2
@@ -289,7 +298,14 @@ class LlavitForConditionalGeneration(nn.Module):
         self.vision_tower = vision_tower if vision_tower is not None else _clip_vision_model(config.vision)
         d_vision = int(config.vision["hidden_size"])
         self.projector = Projector(d_vision * len(config.resolved_feature_layers), config.text.hidden_size)
-        self.language_model = Qwen2Decoder(config.text, config.separate_image_qkv, config.bidirectional_image)
+        self.language_model = Qwen2Decoder(config.text, config.separate_image_qkv,
+                                           config.bidirectional_image or config.block_image_to_image)
+        if config.block_image_to_image:
+            # the blocked mask is not an interval per KEY (image key k is seen by k itself and by the
+            # text after its image): only the dense reference backend, which reads the per-query
+            # intervals, computes it exactly
+            for layer in self.language_model.model.layers:
+                layer.self_attn.backend = "reference"
 
     # ------------------------------------------------------------------ construction and I/O
     @classmethod
@@ -416,10 +432,14 @@ class LlavitForConditionalGeneration(nn.Module):
         is_image = input_ids == self.config.image_token_id
         if cu_seqlens is not None:
             layout = SpanLayout.from_packed(is_image, cu_seqlens)
+            if self.config.block_image_to_image:
+                layout = block_image_to_image(layout)
             if position_ids is None:
                 raise ValueError("position_ids: required with cu_seqlens (positions restart per document)")
         else:
             layout = SpanLayout.from_image_mask(is_image, attention_mask)
+            if self.config.block_image_to_image:
+                layout = block_image_to_image(layout)
             if position_ids is None:
                 if attention_mask is None:
                     position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -450,6 +470,8 @@ class LlavitForConditionalGeneration(nn.Module):
         is_image = input_ids == self.config.image_token_id
         mask = attention_mask.long()
         layout = SpanLayout.from_image_mask(is_image, mask)
+        if self.config.block_image_to_image:
+            layout = block_image_to_image(layout)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = lm(self.embed(input_ids, pixel_values), layout, pos, caches)[:, -1]
         out, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -467,6 +489,22 @@ class LlavitForConditionalGeneration(nn.Module):
             emb = lm.model.embed_tokens(nxt.masked_fill(nxt == self.config.image_token_id, 0))[:, None]
             logits = lm(emb, layout, pos, caches)[:, -1]
         return torch.stack(out, 1)
+
+
+def block_image_to_image(layout: SpanLayout) -> SpanLayout:
+    """The ablation's positive control: every image query attends to itself only (no other image
+    token, nor the text before its image); text queries keep their intervals.
+
+    Only the per-QUERY intervals are exact (what the dense reference backend reads); the per-key
+    intervals are left as they were (a superset), since the blocked mask is not an interval per key.
+    """
+    n = layout.num_queries
+    idx = torch.arange(n, device=layout.device, dtype=torch.int32) + layout.query_offset
+    if not layout.packed:
+        idx = idx.expand_as(layout.kv_start)
+    kv_start = torch.where(layout.is_image, idx, layout.kv_start).contiguous()
+    kv_end = torch.where(layout.is_image, idx + 1, layout.kv_end).contiguous()
+    return dataclasses.replace(layout, kv_start=kv_start, kv_end=kv_end)
 
 
 def _first_int(value, default):

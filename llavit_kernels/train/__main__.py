@@ -1,13 +1,15 @@
 """``llavit-train`` / ``python -m llavit_kernels.train``: train, evaluate, or run the CPU demo (main job).
 
-  llavit-train demo [--quick] [--output-dir runs/demo]      # tiny LLaViT, both stages, ablation table
+  llavit-train demo [--quick | --long] [--output-dir runs/demo]   # the ablation in miniature (CPU)
   llavit-train train --stage 1 --vision CLIP_DIR --llm QWEN_DIR --data caps.json --data-format caption \\
       --image-root IMGS --output-dir runs/s1
-  llavit-train train --stage 2 --init-from runs/s1/checkpoint-N --data llava.json --image-root IMGS \\
-      --output-dir runs/s2
+  llavit-train train --stage 2 --init-from runs/s1 --data llava.json --image-root IMGS --output-dir runs/s2
   llavit-train train --stage 2 --tiny --data synthetic --output-dir runs/tiny     # synthetic data
-  llavit-train eval --checkpoint runs/s2/checkpoint-N [--num 400]
+  llavit-train eval --checkpoint runs/s2 [--num 400]      # a run dir means its latest checkpoint
   torchrun --nproc-per-node 8 -m llavit_kernels.train train ... --parallel fsdp
+
+Unset schedule and batch options follow the paper's recipe for the stage (train/recipe.py): lr 1e-3 /
+2e-5, global batch 256 / 128, one epoch, warm-up 3% of the steps, cosine to 0, pad-to-square images.
 
 ``--demo`` / ``--quick`` as the first argument mean ``demo`` / ``demo --quick``.
 """
@@ -30,7 +32,8 @@ def _train_args(p: argparse.ArgumentParser):
 
     d = TrainConfig()
     g = p.add_argument_group("model")
-    g.add_argument("--init-from", help="a LLaViT checkpoint dir (llavit_config.json + model.safetensors)")
+    g.add_argument("--init-from", help="a LLaViT checkpoint dir (llavit_config.json + model.safetensors), or a run's "
+                   "--output-dir (its latest checkpoint-<step>)")
     g.add_argument("--vision", help="local CLIP vision dir (transformers format)")
     g.add_argument("--llm", help="local Qwen2 / Qwen2.5 dir (transformers format)")
     g.add_argument("--tiny", action="store_true", help="random tiny model + the synthetic word tokenizer")
@@ -43,21 +46,30 @@ def _train_args(p: argparse.ArgumentParser):
     g.add_argument("--data-format", choices=["llava", "caption"], default="llava")
     g.add_argument("--image-root", help="directory that image paths are relative to")
     g.add_argument("--max-length", type=int, default=2048)
+    g.add_argument("--image-aspect", choices=["pad", "crop"], default="pad",
+                   help="pad to a square with the CLIP mean colour (LLaVA-1.5, default) or centre-crop")
     g.add_argument("--num-samples", type=int, default=4000, help="synthetic: number of samples")
     g.add_argument("--on-bad-data", choices=["skip", "error"], default="skip")
     g = p.add_argument_group("training")
     g.add_argument("--stage", type=int, choices=[1, 2], default=1)
     g.add_argument("--output-dir", default=d.output_dir)
-    g.add_argument("--max-steps", type=int, default=d.max_steps)
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank, per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    g.add_argument("--lr", type=float, default=d.lr)
+    # Schedule and batch: unset values come from the paper's recipe for --stage (train/recipe.py):
+    # lr 1e-3 / 2e-5, global batch 256 / 128, one epoch, warm-up 3% of the steps, cosine to 0.
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1); sets the steps")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per optimizer step over all ranks (default 256 stage 1, 128 stage 2)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="per rank, per micro-batch (default: derived from the global batch, at most 32 / 16)")
+    g.add_argument("--grad-accum", type=int, default=None, help="default: derived from the global batch")
+    g.add_argument("--lr", type=float, default=None, help="default 1e-3 stage 1, 2e-5 stage 2 (every trainable group)")
     g.add_argument("--trainable", action="append",
                    help="REGEX or REGEX=LR over parameter names (repeatable); default per stage: "
                         "stage 1 projector + *_proj_image, stage 2 adds language_model")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: --warmup-ratio of the steps")
+    g.add_argument("--warmup-ratio", type=float, default=None, help="default 0.03")
+    g.add_argument("--min-lr-ratio", type=float, default=None, help="cosine floor as a fraction of lr (default 0)")
+    g.add_argument("--weight-decay", type=float, default=None, help="default 0")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     g.add_argument("--packing", action="store_true", help="pack samples into one row with cu_seqlens")
     g.add_argument("--bf16", choices=["auto", "on", "off"], default=d.bf16)
@@ -137,6 +149,7 @@ def build_model_and_tokenizer(args):
 
     sw = _switches(args)
     if args.init_from:
+        args.init_from = resolve_checkpoint(args.init_from)
         from .trainer import check_checkpoint_files
 
         check_checkpoint_files(args.init_from)  # names the file and what is wrong with it
@@ -166,7 +179,7 @@ def build_dataset(args, model, tokenizer, rank=0):
 
     cfg = model.config
     proc = SampleProcessor(tokenizer, int(cfg.vision["image_size"]), cfg.num_image_tokens, args.max_length,
-                           image_root=args.image_root)
+                           image_root=args.image_root, image_aspect=getattr(args, "image_aspect", "pad"))
     if args.data == "synthetic":
         records = synthetic_samples(args.num_samples, args.seed + args.stage, args.stage, int(cfg.vision["image_size"]))
     elif args.data_format == "caption":
@@ -178,27 +191,43 @@ def build_dataset(args, model, tokenizer, rank=0):
     return SafeDataset(records, proc, on_bad=args.on_bad_data)
 
 
-def _config_from_args(args):
+# Stands in for the data size when the arguments are checked before the data is read.
+_UNREAD_DATA_SIZE = 1 << 30
+
+
+def _config_from_args(args, num_samples=None, world=1):
+    """The TrainConfig: the stage's recipe (train/recipe.py) overridden by the arguments given.
+
+    Exits with a message naming the bad argument. ``num_samples=None`` (the data not read yet) checks
+    the arguments before any work; the steps are derived once the data size and world are known."""
+    from .recipe import resolve_schedule
     from .trainer import TrainConfig
 
-    cfg = TrainConfig(
-        output_dir=args.output_dir, stage=args.stage, max_steps=args.max_steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, trainable=args.trainable, warmup_steps=args.warmup_steps,
-        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-        packing=args.packing, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, save_every=args.save_every,
-        resume=args.resume, seed=args.seed, parallel=args.parallel, num_workers=args.num_workers,
-        progress=not args.no_progress, overwrite=args.overwrite, save_total_limit=args.save_total_limit,
-        max_bad_steps=args.max_bad_steps, data_id=_data_id(args),
-    )
     try:
-        cfg.validate()
-        for name in ("max_length", "num_samples"):
-            value = getattr(args, name)
-            if value < 1:
+        for name in ("max_length", "num_samples", "batch_size", "grad_accum", "global_batch_size", "max_steps"):
+            value = getattr(args, name)  # None: taken from the recipe
+            if value is not None and value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        sched = resolve_schedule(
+            args.stage, _UNREAD_DATA_SIZE if num_samples is None else num_samples, world, lr=args.lr,
+            epochs=args.epochs, max_steps=args.max_steps, global_batch_size=args.global_batch_size,
+            batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
+            warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay)
+        cfg = TrainConfig(
+            output_dir=args.output_dir, stage=args.stage, max_steps=sched["max_steps"], batch_size=sched["batch_size"],
+            grad_accum=sched["grad_accum"], lr=sched["lr"], trainable=args.trainable, warmup_steps=sched["warmup_steps"],
+            min_lr_ratio=sched["min_lr_ratio"], weight_decay=sched["weight_decay"], max_grad_norm=args.max_grad_norm,
+            packing=args.packing, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, save_every=args.save_every,
+            resume=args.resume, seed=args.seed, parallel=args.parallel, num_workers=args.num_workers,
+            progress=not args.no_progress, overwrite=args.overwrite, save_total_limit=args.save_total_limit,
+            max_bad_steps=args.max_bad_steps, data_id=_data_id(args),
+        )
+        cfg.validate()
     except ValueError as e:
         name, _, rest = str(e).partition(":")
         _fail(f"--{name.replace('_', '-')}:{rest}" if name.isidentifier() else f"--{e}")
+    if num_samples is not None and int(os.environ.get("RANK", "0")) == 0:
+        log.info("schedule (stage %d recipe + arguments): %s", args.stage, sched)
     return cfg
 
 
@@ -214,6 +243,7 @@ def cmd_train(args):
             prepare_output_dir(cfg, _estimate_checkpoint_bytes(args))  # before the model loads
             model, tokenizer = build_model_and_tokenizer(args)
             dataset = build_dataset(args, model, tokenizer, rank)
+            cfg = _config_from_args(args, len(dataset), world)  # steps and batch split from the data size
         except (CheckpointError, FileExistsError, BadSample) as e:
             _fail(str(e))
         except ValueError as e:  # a data file that cannot be read as a whole (names file and line)
@@ -252,6 +282,20 @@ def cmd_train(args):
     return summary if rank == 0 else None
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint dir as given, or a run's ``--output-dir``: then its latest ``checkpoint-<step>``."""
+    from ..models.llavit import CONFIG_NAME
+    from .trainer import latest_checkpoint
+
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise SystemExit(f"checkpoint: {path} is neither a checkpoint (no {CONFIG_NAME}) nor a run directory "
+                         "holding checkpoint-<step>/ directories")
+    return latest
+
+
 def eval_checkpoint(checkpoint, num=400, seed=0, device=None, batch_size=100):
     from ..data.synthetic import HELDOUT_SEED_OFFSET, synthetic_samples
     from ..data.tokenizer import load_tokenizer
@@ -259,6 +303,7 @@ def eval_checkpoint(checkpoint, num=400, seed=0, device=None, batch_size=100):
     from .evaluate import evaluate_synthetic
     from .trainer import check_checkpoint_files
 
+    checkpoint = resolve_checkpoint(checkpoint)
     check_checkpoint_files(checkpoint)
     model = LlavitForConditionalGeneration.load(checkpoint)
     if device is not None:
@@ -292,16 +337,18 @@ def cmd_demo(args):
         variants = [keys[int(i)] for i in args.variants.split(",")]
     from dataclasses import replace
 
-    from .demo import QUICK, DemoSize
+    from .demo import LONG, QUICK, DemoSize
 
-    size = QUICK if args.quick else DemoSize()
+    if args.quick and args.long:
+        raise SystemExit("demo: --quick and --long exclude each other")
+    size = QUICK if args.quick else LONG if args.long else DemoSize()
     for item in (args.size or "").split(","):
         if item:
             key, _, value = item.partition("=")
             field_type = type(getattr(size, key))
             size = replace(size, **{key: field_type(value)})
     return main_demo(args.output_dir, quick=args.quick, seed=args.seed, variants=variants, progress=not args.no_progress,
-                     size=size)
+                     size=size, long=args.long)
 
 
 def main(argv=None):
@@ -316,16 +363,19 @@ def main(argv=None):
     _train_args(p)
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="held-out synthetic accuracy + sample generations of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run's --output-dir (latest checkpoint)")
     p.add_argument("--num", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the result JSON here")
     p.set_defaults(fn=cmd_eval)
-    p = sub.add_parser("demo", help="the main job: tiny LLaViT, both stages, ablation table (CPU, minutes)")
+    p = sub.add_parser("demo", help="the main job: the paper's ablation in miniature, pre-trained parts built in "
+                       "the run, both stages, per-kind table (CPU, minutes)")
     p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="CI size (well under 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="CI smoke size (seconds)")
+    p.add_argument("--long", action="store_true", help="3 seeds at a larger size, mean +/- s.e. (~40 min on 2 cores)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", help="comma-separated indices into the variant list (default: all five)")
+    p.add_argument("--variants", help="comma-separated indices into the rows (0 LLaVA-1.5 baseline, 1 + image QKV, "
+                   "2 + bidirectional, 3 + multi-layer = LLaViT, 4 control); default: all five")
     p.add_argument("--size", help="override DemoSize fields, e.g. stage2_steps=600,text_layers=6")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_demo)

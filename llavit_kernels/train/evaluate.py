@@ -28,7 +28,10 @@ def build_prompt_ids(tokenizer, conversations, num_image_tokens: int) -> List[in
 @torch.no_grad()
 def evaluate_synthetic(model, tokenizer, samples, batch_size: int = 64, max_new_tokens: int = 4,
                        num_examples: int = 8, device=None) -> dict:
-    """Exact-match accuracy of the greedy answer, overall and per question kind."""
+    """Exact-match accuracy of the greedy answer, overall and per question kind.
+
+    Samples without an ``image`` (text-only questions) are answered by the language model alone.
+    """
     device = device or next(model.parameters()).device
     cfg = model.config
     was_training = model.training
@@ -45,8 +48,11 @@ def evaluate_synthetic(model, tokenizer, samples, batch_size: int = 64, max_new_
         for b, p in enumerate(prompts):  # left padding for generation
             ids[b, T - len(p):] = torch.tensor(p)
             mask[b, T - len(p):] = 1
-        pixels = torch.stack([clip_preprocess(s["image"], image_size) for s in chunk])
-        new = model.generate(ids.to(device), pixels.to(device), mask.to(device), max_new_tokens=max_new_tokens)
+        with_image = [s.get("image") is not None for s in chunk]
+        if any(with_image) and not all(with_image):
+            raise ValueError("samples: a batch mixes samples with and without an image; evaluate them separately")
+        pixels = torch.stack([clip_preprocess(s["image"], image_size) for s in chunk]).to(device) if all(with_image) else None
+        new = model.generate(ids.to(device), pixels, mask.to(device), max_new_tokens=max_new_tokens)
         for b, s in enumerate(chunk):
             toks = new[b].tolist()
             if cfg.eos_token_id in toks:

@@ -49,7 +49,7 @@ class TrainConfig:
     lr: float = 1e-3  # default lr for patterns without "=lr"
     trainable: Optional[List[str]] = None  # "regex" or "regex=lr"; None: STAGE_PATTERNS[stage]
     warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.0  # cosine to 0 (LLaVA-1.5)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     packing: bool = False
