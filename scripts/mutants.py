@@ -234,11 +234,18 @@ MUTANTS: List[Mutant] = [
            "labels[:-1] = torch.where(nxt[:-1], input_ids_t[:-1], IGNORE_INDEX)",
            "labels are the current token instead of the next one (the model learns to copy)",
            "tests/test_data.py"),
-    Mutant("data-packed-positions-do-not-restart", DATA,
-           '"position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()]),',
-           '"position_ids": torch.arange(int(lengths.sum())),',
-           "packing: rotary positions run on across documents instead of restarting per sample",
-           "tests/test_model.py -k packed_equals_padded"),
+    # (Not here: "packed positions do not restart per document". Under RoPE, attention inside a document
+    # depends only on position differences, so that mutant is equivalent up to rounding: no test can kill it.)
+    Mutant("data-padding-trained", DATA,
+           "labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)",
+           "labels = torch.full((B, T), pad_token_id, dtype=torch.long)",
+           "padded batches: the loss also trains the model to predict padding",
+           "tests/test_data.py -k padding_and_packing"),
+    Mutant("data-image-tokens-are-targets", DATA,
+           "targets.extend([False] * self.num_image_tokens)",
+           "targets.extend([True] * self.num_image_tokens)",
+           "the image placeholder tokens become answer targets (the loss covers image positions)",
+           "tests/test_data.py"),
     # ------------------------------------------------------------------ trainer
     Mutant("trainer-scheduler-not-restored", TRAINER,
            'scheduler.load_state_dict(blob["scheduler"])',
