@@ -114,9 +114,9 @@ MUTANTS: List[Mutant] = [
     # ------------------------------------------------------------------ Triton span attention
     Mutant("tattn-fwd-mask-end-inclusive", TATTN,
            'allowed = (cols[None, :] >= kv_lo[:, None]) & (cols[None, :] < kv_hi[:, None])\n'
-           '            qk = tl.where(allowed, qk, float("-inf"))',
+           '        qk = tl.where(allowed, qk, float("-inf"))',
            'allowed = (cols[None, :] >= kv_lo[:, None]) & (cols[None, :] <= kv_hi[:, None])\n'
-           '            qk = tl.where(allowed, qk, float("-inf"))',
+           '        qk = tl.where(allowed, qk, float("-inf"))',
            "forward: a query also attends to the key just past its interval (off by one at kv_end)",
            f"{T_ATTN} -k 'padded_batch_matches_reference and dtype0'"),
     Mutant("tattn-block-full-too-early", TATTN,
@@ -125,15 +125,11 @@ MUTANTS: List[Mutant] = [
            "block skipping: a block cut by an interval end runs unmasked (keys past kv_end attended)",
            f"{T_ATTN} -k 'padded_batch_matches_reference and dtype0'"),
     Mutant("tattn-fwd-gqa-interleaved", TATTN,
-           "first: better tail balance for causal-like masks.\n"
-           "    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)\n"
-           "    pid_bh = tl.program_id(1)\n"
+           "# heavy-first: last query blocks see the most keys\n"
            "    b = (pid_bh // H).to(tl.int64)\n"
            "    h = pid_bh % H\n"
            "    hk = h // groups",
-           "first: better tail balance for causal-like masks.\n"
-           "    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)\n"
-           "    pid_bh = tl.program_id(1)\n"
+           "# heavy-first: last query blocks see the most keys\n"
            "    b = (pid_bh // H).to(tl.int64)\n"
            "    h = pid_bh % H\n"
            "    hk = h % (H // groups)",
