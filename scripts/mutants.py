@@ -167,9 +167,13 @@ MUTANTS: List[Mutant] = [
            "routed GEMM epilogue: text and image biases swapped",
            f"{T_MOD} -k 'linear_fp32_layouts and mixed'"),
     Mutant("tmod-dw-drops-last-image-tile", TMOD,
-           "hi = tl.where(modality == 1, n_tiles, n_text)",
-           "hi = tl.where(modality == 1, n_tiles - 1, n_text)",
-           "dW / db: the last image tile's tokens are left out of the image weight gradient",
+           "hi = tl.where(modality == 1, n_tiles, text_tiles)\n"
+           "    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+           "    cols_k = pid_k * BLOCK_K",
+           "hi = tl.where(modality == 1, n_tiles - 1, text_tiles)\n"
+           "    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+           "    cols_k = pid_k * BLOCK_K",
+           "dW: the last image tile's tokens are left out of the image weight gradient",
            f"{T_MOD} -k 'linear_fp32_layouts and mixed'"),
     Mutant("tmod-rope-epilogue-hi-half-tables", TMOD,
            "o_hi = y_hi * c_hi + y_lo * s_hi",
@@ -198,7 +202,7 @@ MUTANTS: List[Mutant] = [
            "ModalityLinear: the image weight is not initialised from the text weight",
            "tests/test_nn.py -k from_linear_and_routing"),
     Mutant("nn-routing-ignored", NN_ATTN,
-           "q, k, v = self.project_qkv(hidden_states, layout.is_image, cos, sin)",
+           "q, k, v = self.project_qkv(hidden_states, layout, cos, sin)",
            "q, k, v = self.project_qkv(hidden_states, torch.zeros_like(layout.is_image), cos, sin)",
            "LlavitAttention: image tokens take the text q/k/v",
            "tests/test_nn.py -k 'matches_brute_force and True-True and 4-2'"),
