@@ -105,7 +105,7 @@ MUTANTS: List[Mutant] = [
            "return torch.where(is_image[..., None], y_image, y_text)",
            "return torch.where(is_image[..., None], y_text, y_image)",
            "reference modality_linear: text tokens take the image weights and vice versa",
-           "tests/test_reference_ops.py -k modality_linear_reference"),
+           "tests/test_reference_defaults.py -k modality_linear_reference_backend"),
     Mutant("ref-rotate-half-sign", REF_LIN,
            "return torch.cat((-x[..., half:], x[..., :half]), dim=-1)",
            "return torch.cat((x[..., half:], -x[..., :half]), dim=-1)",
