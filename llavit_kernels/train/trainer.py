@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -340,6 +341,43 @@ class _Collate:
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+def _seed_all(seed: int) -> None:
+    """Seed every global generator the trainer owns: torch (CPU and CUDA), Python's random, numpy."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        return state
+    state["numpy"] = np.random.get_state()
+    return state
+
+
+def _set_rng_state(state) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints written before the other generators were saved
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
 def _full_state(model, optimizer=None):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
@@ -411,7 +449,7 @@ def save_checkpoint(directory, model, optimizer, scheduler, state: dict, extra: 
                     msd.pop("language_model.lm_head.weight", None)
                 save_file(msd, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
                 blob = {"optimizer": osd, "scheduler": scheduler.state_dict(), "state": state,
-                        "rng": torch.get_rng_state()}
+                        "rng": _rng_state()}
                 blob.update(extra or {})
                 torch.save(blob, os.path.join(tmp, "trainer_state.pt"))
                 _fsync_tree(tmp)
@@ -557,7 +595,7 @@ def load_checkpoint(directory, model, optimizer, scheduler, return_blob: bool = 
     if blob["optimizer"] is not None:
         set_optimizer_state_dict(inner, optimizer, blob["optimizer"], options=opts)
     scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["rng"])
+    _set_rng_state(blob["rng"])
     return (blob["state"], blob) if return_blob else blob["state"]
 
 
@@ -775,7 +813,7 @@ def train(model, dataset, cfg: TrainConfig, pad_token_id: int = 0, device=None, 
     cfg.validate()
     rank, world = dist_info()
     device = device or torch.device("cpu")
-    torch.manual_seed(cfg.seed)
+    _seed_all(cfg.seed)
     patterns = cfg.trainable or STAGE_PATTERNS[cfg.stage]
     groups = param_groups(model, patterns, cfg.lr, cfg.weight_decay)
     n_trainable = sum(p.numel() for g in groups for p in g["params"])
@@ -825,7 +863,10 @@ def train(model, dataset, cfg: TrainConfig, pad_token_id: int = 0, device=None, 
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, state["samples"], None, rank, world)
     loader = DataLoader(_Tagged(dataset), batch_sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=_Collate(cfg.packing, pad_token_id),
-                        worker_init_fn=_ignore_stop_signals if cfg.num_workers else None)
+                        worker_init_fn=_ignore_stop_signals if cfg.num_workers else None,
+                        # the loader's own generator: its per-iterator seed draw must not advance the
+                        # global torch generator restored from the checkpoint
+                        generator=torch.Generator().manual_seed(cfg.seed))
     use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     base_skipped = Counter(state.get("skipped", {}))  # summed over ranks, up to the checkpoint
