@@ -54,7 +54,8 @@ if want tests; then
     run 180 "CUDA correctness tests" python -m pytest -q -p no:cacheprovider \
       --junitxml="$OUT/work/junit.xml" \
       tests/test_span_attention_triton.py tests/test_modality_linear_triton.py tests/test_reference_ops.py \
-      tests/test_nn.py tests/test_integration_transformers.py tests/test_span_attention_composed.py
+      tests/test_nn.py tests/test_integration_transformers.py tests/test_span_attention_composed.py \
+      tests/test_integration_peft.py
   else
     echo "== pytest/hypothesis missing on this machine: CUDA tests skipped"; status=1
   fi

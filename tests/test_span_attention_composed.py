@@ -290,28 +290,34 @@ def test_cpu_half_engine_modes(monkeypatch, native, dtype):
 
 
 # ----------------------------------------------------------------------------- front door
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("needs_grad", [False, True])
 @pytest.mark.parametrize("cpp_builds", [True, False])
-def test_cpu_default_follows_the_table(monkeypatch, dtype, cpp_builds):
-    """backend=None on CPU runs CPU_DEFAULT_BY_DTYPE's choice; without the C++ build, composed."""
+def test_cpu_default_follows_the_table(monkeypatch, dtype, needs_grad, cpp_builds):
+    """backend=None on CPU runs CPU_DEFAULT's choice for (dtype, grad needed); without the C++ build, composed."""
     front = importlib.import_module("llavit_kernels.ops.span_attention")  # the package exports a function of that name
     from llavit_kernels.ops import _span_attention_cpp as cpp
 
     case = random_padded(random.Random(2), batch=2, length=30, pad="left")
     q, k, v, _ = make_qkv(case.layout, heads=2, kv_heads=1, head_dim=64, dtype=dtype)
+    q.requires_grad_(needs_grad)
     calls = []
     real_composed, real_cpp = C.span_attention_composed, cpp.span_attention_cpp
     monkeypatch.setattr(C, "span_attention_composed", lambda *a, **kw: calls.append("composed") or real_composed(*a, **kw))
     monkeypatch.setattr(cpp, "span_attention_cpp", lambda *a, **kw: calls.append("cpp") or real_cpp(*a, **kw))
     monkeypatch.setattr(cpp, "cpp_available", lambda: cpp_builds)
     monkeypatch.setattr(cpp, "warn_unavailable", lambda *a, **kw: None)
-    if cpp_builds and front.CPU_DEFAULT_BY_DTYPE[dtype] == "cpp" and not real_cpp_available():
+    planned = front.CPU_DEFAULT.get((dtype, needs_grad), "composed")
+    if cpp_builds and planned == "cpp" and not real_cpp_available():
         pytest.skip("the C++ kernel does not build on this machine")
     out = span_attention(q, k, v, case.layout)
-    expected = front.CPU_DEFAULT_BY_DTYPE[dtype] if cpp_builds else "composed"
-    assert calls == [expected]
-    tol = 1e-5 if dtype != torch.bfloat16 else 3e-2
+    assert calls == [planned if cpp_builds else "composed"]
+    tol = {torch.bfloat16: 3e-2, torch.float16: 5e-3}.get(dtype, 1e-5)
     torch.testing.assert_close(out.double(), span_attention_reference(q, k, v, case.layout).double(), atol=tol, rtol=tol)
+    with torch.no_grad():  # no gradient needed: the forward-only choice
+        calls.clear()
+        span_attention(q, k, v, case.layout)
+        assert calls == [front.CPU_DEFAULT.get((dtype, False), "composed") if cpp_builds else "composed"]
 
 
 def real_cpp_available():

@@ -87,14 +87,24 @@ def _warn_fallback(q: torch.Tensor) -> None:
         )
 
 
-# backend=None on CPU, per dtype: "cpp" (csrc/, when it builds) or "composed". The one place this
-# choice is made; it follows the same-run CPU comparison in bench/results/ (see README "Performance").
-CPU_DEFAULT_BY_DTYPE = {torch.float32: "cpp", torch.float16: "cpp", torch.bfloat16: "cpp", torch.float64: "composed"}
+# backend=None on CPU: (dtype, gradients needed) -> "cpp" (csrc/, when it builds) or "composed". The one
+# place this choice is made, from the same-run comparison bench/results/cpu-20261202/cpu-default-choice*
+# (batch 1, two 576-token images, 1 thread, time / causal SDPA): fp32 cpp 1.01-1.08x vs composed
+# 1.06-1.31x (7B T=2048 fwd+bwd: 0.54x vs 1.06x); fp16 cpp 0.68x fwd / 0.14x fwd+bwd vs composed
+# 0.83x / 0.17x; bf16 forward cpp 1.01-1.32x vs composed 1.14-1.41x, but bf16 fwd+bwd composed
+# 1.12-1.51x vs cpp 1.32-1.83x (the C++ backward computes in fp32 where SDPA's uses bf16 GEMMs) and
+# composed holds 3-4x less memory there.
+CPU_DEFAULT = {
+    (torch.float32, False): "cpp", (torch.float32, True): "cpp",
+    (torch.float16, False): "cpp", (torch.float16, True): "cpp",
+    (torch.bfloat16, False): "cpp", (torch.bfloat16, True): "composed",
+}
 
 
-def _cpu_default_backend(q: torch.Tensor, k: torch.Tensor, layout: SpanLayout) -> str:
+def _cpu_default_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     """The engine ``backend=None`` runs on CPU (the C++ kernel falls back to composed if it cannot build)."""
-    return CPU_DEFAULT_BY_DTYPE.get(q.dtype, "composed")
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return CPU_DEFAULT.get((q.dtype, needs_grad), "composed")  # float64: composed (cpu_flash covers it)
 
 
 def span_attention(
@@ -133,7 +143,7 @@ def span_attention(
     if causal_engine is not None and chosen != "composed":
         raise ValueError(f"causal_engine: only used by backend='composed', got backend={backend!r}")
     if chosen == "cpu_default":
-        chosen = _cpu_default_backend(q, k, layout)
+        chosen = _cpu_default_backend(q, k, v)
     if chosen == "cpp":
         from . import _span_attention_cpp as cpp
 
