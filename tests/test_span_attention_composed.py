@@ -326,6 +326,16 @@ def real_cpp_available():
     return cpp.load_extension()
 
 
+def test_causal_engine_with_the_cpu_default():
+    """causal_engine= is accepted with backend=None where the default is the composed path."""
+    case = random_padded(random.Random(3), batch=1, length=12)
+    q, k, v, _ = make_qkv(case.layout, heads=2, kv_heads=1, head_dim=64, dtype=torch.float32)
+    if DEVICE != "cpu":
+        pytest.skip("the CPU default")
+    out = span_attention(q, k, v, case.layout, causal_engine="cpu_flash")
+    torch.testing.assert_close(out, span_attention_reference(q, k, v, case.layout), atol=1e-5, rtol=1e-5)
+
+
 def test_causal_engine_errors():
     case = random_padded(random.Random(2), batch=1, length=10)
     q, k, v, _ = make_qkv(case.layout, heads=2, kv_heads=1, head_dim=64, dtype=torch.float32)

@@ -126,8 +126,8 @@ def span_attention(
         layout: the :class:`SpanLayout` of the batch (``Tk`` is ``layout.num_keys``).
         softmax_scale: defaults to ``1 / sqrt(D)``.
         backend: ``None`` (Triton on CUDA, with the reference for what the kernels do not cover:
-            float64, head dims other than 64, 80, 96, 128; on CPU the C++ kernel when it builds, else
-            the composed path: see ``_cpu_default_backend``), ``"reference"``, ``"triton"`` (raises for
+            float64, head dims other than 64, 80, 96, 128; on CPU what ``CPU_DEFAULT`` says, today
+            the composed path for every dtype), ``"reference"``, ``"triton"`` (raises for
             inputs the kernels do not cover; see docs/span_attention.md), ``"composed"`` (a causal
             attention engine plus the image-span completion, merged by log-sum-exp; CPU and CUDA) or
             ``"cpp"`` (the C++ CPU kernel of csrc/, built on first use; fp32/fp16/bf16, any head dim;
@@ -141,10 +141,10 @@ def span_attention(
     """
     _validate(q, k, v, layout, softmax_scale)
     chosen = resolve_backend(backend, q.device, "span_attention", allowed=BACKENDS)
-    if causal_engine is not None and chosen != "composed":
-        raise ValueError(f"causal_engine: only used by backend='composed', got backend={backend!r}")
     if chosen == "cpu_default":
         chosen = _cpu_default_backend(q, k, v)
+    if causal_engine is not None and chosen != "composed":
+        raise ValueError(f"causal_engine: only used by backend='composed', got backend={backend!r}")
     if chosen == "cpp":
         from . import _span_attention_cpp as cpp
 
