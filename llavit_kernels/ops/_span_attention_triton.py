@@ -24,6 +24,8 @@ import triton
 
 from ..layout import SpanLayout
 from . import _span_attention_kernels as K
+from ._span_attention_op import lse_shape as _lse_shape
+from ._span_attention_op import register_fake_and_autograd
 
 __all__ = [
     "span_attention_triton",
@@ -77,13 +79,6 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
 
 def _as2d(t: torch.Tensor) -> torch.Tensor:
     return (t.unsqueeze(0) if t.dim() == 1 else t).contiguous()
-
-
-def _lse_shape(q: torch.Tensor):
-    """[B, H, Tq] for padded q [B, Tq, H, D]; [H, N] for packed q [N, H, D]."""
-    if q.dim() == 3:
-        return (q.shape[1], q.shape[0])
-    return (q.shape[0], q.shape[2], q.shape[1])
 
 
 def _lse_as3d(lse: torch.Tensor) -> torch.Tensor:
@@ -275,11 +270,6 @@ def span_attention_fwd(
     return _forward_impl(q, k, v, kv_start, kv_end, softmax_scale)
 
 
-@span_attention_fwd.register_fake
-def _span_attention_fwd_fake(q, k, v, kv_start, kv_end, q_start, q_end, softmax_scale):
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q), dtype=torch.float32)
-
-
 @torch.library.custom_op("llavit::span_attention_bwd", mutates_args=())
 def span_attention_bwd(
     grad_out: torch.Tensor,
@@ -299,29 +289,8 @@ def span_attention_bwd(
     return _backward_impl(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, softmax_scale)
 
 
-@span_attention_bwd.register_fake
-def _span_attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, softmax_scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, kv_start, kv_end, q_start, q_end, softmax_scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end, q_start, q_end)
-    ctx.softmax_scale = softmax_scale
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kv_start, kv_end, q_start, q_end = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = span_attention_bwd(
-        grad_out, grad_lse, q, k, v, out, lse, kv_start, kv_end, q_start, q_end, ctx.softmax_scale
-    )
-    return dq, dk, dv, None, None, None, None, None
-
-
-span_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+# Fake kernels and the autograd formula are shared with the C++ backend (one definition).
+register_fake_and_autograd("llavit::span_attention_fwd", "llavit::span_attention_bwd", span_attention_bwd)
 
 
 # ----------------------------------------------------------------------------- public (private-module) API
