@@ -327,7 +327,7 @@ def real_cpp_available():
 
 
 def test_causal_engine_with_the_cpu_default():
-    """causal_engine= is accepted with backend=None where the default is the composed path."""
+    """causal_engine= with backend=None on CPU runs the composed path with that engine."""
     case = random_padded(random.Random(3), batch=1, length=12)
     q, k, v, _ = make_qkv(case.layout, heads=2, kv_heads=1, head_dim=64, dtype=torch.float32)
     if DEVICE != "cpu":

@@ -88,17 +88,16 @@ def _warn_fallback(q: torch.Tensor) -> None:
 
 
 # backend=None on CPU: (dtype, gradients needed) -> "cpp" (csrc/, when it builds) or "composed". The one
-# place this choice is made. The same-run comparison bench/results/cpu-20261202/cpu-default-choice*
-# (batch 1, two 576-token images, 1 thread, time / causal SDPA) has the C++ kernel faster for fp32
-# (1.01-1.08x vs composed 1.06-1.31x), fp16 and bf16 forward, composed faster for bf16 fwd+bwd. But
-# the C++ kernel aborted a 2-process gloo DDP training run ("terminate called without an active
-# exception") in about 1 run of 4 (tests/test_train.py::test_two_process_gloo; single-process runs
-# did not), cause not found yet: until it is, every entry is "composed" and the C++ kernel stays
-# opt-in (backend="cpp").
+# place this choice is made, from the same-run comparison bench/results/cpu-20261202/cpu-default-choice*
+# (batch 1, two 576-token images, 1 thread, time / causal SDPA): fp32 cpp 1.01-1.08x vs composed
+# 1.06-1.31x (7B T=2048 fwd+bwd: 0.54x vs 1.06x); fp16 cpp 0.68x fwd / 0.14x fwd+bwd vs composed
+# 0.83x / 0.17x; bf16 forward cpp 1.01-1.32x vs composed 1.14-1.41x, but bf16 fwd+bwd composed
+# 1.12-1.51x vs cpp 1.32-1.83x (the C++ backward computes in fp32 where SDPA's uses bf16 GEMMs) and
+# composed holds 3-4x less memory there.
 CPU_DEFAULT = {
-    (torch.float32, False): "composed", (torch.float32, True): "composed",
-    (torch.float16, False): "composed", (torch.float16, True): "composed",
-    (torch.bfloat16, False): "composed", (torch.bfloat16, True): "composed",
+    (torch.float32, False): "cpp", (torch.float32, True): "cpp",
+    (torch.float16, False): "cpp", (torch.float16, True): "cpp",
+    (torch.bfloat16, False): "cpp", (torch.bfloat16, True): "composed",
 }
 
 
@@ -126,8 +125,8 @@ def span_attention(
         layout: the :class:`SpanLayout` of the batch (``Tk`` is ``layout.num_keys``).
         softmax_scale: defaults to ``1 / sqrt(D)``.
         backend: ``None`` (Triton on CUDA, with the reference for what the kernels do not cover:
-            float64, head dims other than 64, 80, 96, 128; on CPU what ``CPU_DEFAULT`` says, today
-            the composed path for every dtype), ``"reference"``, ``"triton"`` (raises for
+            float64, head dims other than 64, 80, 96, 128; on CPU what ``CPU_DEFAULT`` says: the
+            C++ kernel, except composed for bf16 with gradients and float64), ``"reference"``, ``"triton"`` (raises for
             inputs the kernels do not cover; see docs/span_attention.md), ``"composed"`` (a causal
             attention engine plus the image-span completion, merged by log-sum-exp; CPU and CUDA) or
             ``"cpp"`` (the C++ CPU kernel of csrc/, built on first use; fp32/fp16/bf16, any head dim;
@@ -141,8 +140,8 @@ def span_attention(
     """
     _validate(q, k, v, layout, softmax_scale)
     chosen = resolve_backend(backend, q.device, "span_attention", allowed=BACKENDS)
-    if chosen == "cpu_default":
-        chosen = _cpu_default_backend(q, k, v)
+    if chosen == "cpu_default":  # a causal engine asked for means the composed path
+        chosen = "composed" if causal_engine is not None else _cpu_default_backend(q, k, v)
     if causal_engine is not None and chosen != "composed":
         raise ValueError(f"causal_engine: only used by backend='composed', got backend={backend!r}")
     if chosen == "cpp":

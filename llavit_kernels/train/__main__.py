@@ -385,5 +385,22 @@ def main(argv=None):
     return 0
 
 
+def _exit_after_distributed_run(code: int) -> None:
+    """Leave a torchrun worker with ``os._exit`` once its work is done and saved.
+
+    torch 2.13's CPU gloo teardown aborts about one process exit in five AFTER
+    ``destroy_process_group`` ("terminate called without an active exception", SIGABRT), even for a
+    plain DDP ``nn.Linear`` with no code of ours: torchrun then reports a finished run as failed.
+    Skipping the interpreter's teardown (after flushing logs and streams) avoids it (0 of 20 vs 3 of
+    16 measured; tests/test_train.py::test_two_process_gloo)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_after_distributed_run(code)
+    sys.exit(code)
