@@ -28,6 +28,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..layout import SpanLayout
+from ._span_attention_op import lse_shape as _lse_shape  # one definition for every backend
 from . import _causal_engines as E
 
 __all__ = ["span_attention_composed", "span_attention_composed_with_lse", "span_attention_composed_fwd",
@@ -201,10 +202,6 @@ def _as2(t):
 
 def _lse3(lse):
     return lse.unsqueeze(0) if lse.dim() == 2 else lse
-
-
-def _lse_shape(q):
-    return (q.shape[1], q.shape[0]) if q.dim() == 3 else (q.shape[0], q.shape[2], q.shape[1])
 
 
 def _compute_dtype(q):
