@@ -21,12 +21,23 @@
 // at the end. It takes the output and log-sum-exp from outside (the composed path passes the
 // merged ones) and an optional gradient of the log-sum-exp.
 //
+// bfloat16 with an even head dim, where oneDNN's bf16 micro-kernel runs (at::native::cpublas::brgemm,
+// exported by libtorch; it needs AVX-512, and uses AVX512-BF16 / AMX when present): every block
+// product runs in bf16 with fp32 accumulation (5x the fp32 GEMM rate on the 2-core AVX512-BF16 CPU
+// here), as PyTorch's own flash kernel does. Its B operand must be pair-interleaved along the
+// reduction dimension ("VNNI": Bp[k / 2][n][k % 2]); K^T, V^T, K and V are packed once per call,
+// the query and dO blocks of the backward once per block. P and dS are rounded to bf16 before
+// their products (as in FlashAttention's bf16 backward); the softmax itself stays fp32.
+// LLAVIT_CPP_NO_BRGEMM=1 forces the fp32 path (tests compare both).
+//
 // Registered as the CPU kernels of llavit::span_attention_cpp_fwd / _bwd, whose schemas, fake
 // kernels and autograd live in llavit_kernels/ops/_span_attention_cpp.py.
 
 #include <ATen/ATen.h>
-#include <cstdlib>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <cstdlib>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -181,8 +192,10 @@ inline float* scratch(int slot, int64_t n) {
 
 // Runs fn(task) for task in order[0..n) on torch's intra-op threads, handing tasks out one at a
 // time (a shared counter), so heavy blocks placed first balance across threads.
-template <typename F>
-void run_tasks(const std::vector<int64_t>& order, const F& fn) {
+// at_end() runs on each worker thread after its last task (the bf16 path releases the micro-kernel's
+// hardware context there).
+template <typename F, typename G>
+void run_tasks(const std::vector<int64_t>& order, const F& fn, const G& at_end) {
   const int64_t n = static_cast<int64_t>(order.size());
   if (n == 0) return;
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
@@ -191,7 +204,121 @@ void run_tasks(const std::vector<int64_t>& order, const F& fn) {
     for (int64_t w = b0; w < b1; ++w) {
       for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(order[i]);
     }
+    at_end();
   });
+}
+
+// ----------------------------------------------------------------------------- bf16 block products
+using bf16 = at::BFloat16;
+
+// Whether the bf16 micro-kernel runs here: the header declares it, the user has not turned oneDNN
+// off (torch.backends.mkldnn), LLAVIT_CPP_NO_BRGEMM is not set, and a 2 x 2 probe gives the right
+// answer (it throws where the CPU lacks the ISA; probed once per process).
+bool brgemm_bf16_usable() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  const char* off = std::getenv("LLAVIT_CPP_NO_BRGEMM");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  static const bool probe = [] {
+    try {
+      // A = [[1, 2], [3, 4]], B = [[5, 6], [7, 8]] packed as Bp[0][n][k] = B[k][n]
+      const bf16 a[4] = {bf16(1.f), bf16(2.f), bf16(3.f), bf16(4.f)};
+      const bf16 bp[4] = {bf16(5.f), bf16(7.f), bf16(6.f), bf16(8.f)};
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, bp, c, true);
+      at::native::cpublas::brgemm_release(true);
+      return c[0] == 19.f && c[1] == 22.f && c[2] == 43.f && c[3] == 50.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return probe;
+#else
+  return false;
+#endif
+}
+
+// C[M, N] (+)= A[M, K] @ B, A row-major (row stride lda), B pair-interleaved (ldb pairs per row).
+inline void gemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                      const bf16* A, const bf16* Bp, float* C) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, Bp, C, true);
+#else
+  TORCH_CHECK(false, "span_attention_cpp: bf16 micro-kernel not available in this torch");
+#endif
+}
+
+inline void release_bf16() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  at::native::cpublas::brgemm_release(true);
+#endif
+}
+
+inline int64_t round_even(int64_t n) { return n + (n & 1); }
+
+// dst[(r / 2) * 2 * ld + 2 * c + r % 2] = src[r * rs + c * cs] for r < rows, c < cols; when rows is
+// odd the last pair's second half is 0 (so a product over the rounded-up reduction adds nothing).
+inline void pack_pairs(const bf16* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, bf16* dst, int64_t ld) {
+  const bf16 zero(0.f);
+  for (int64_t p = 0; p < (rows + 1) / 2; ++p) {
+    const bf16* r0 = src + 2 * p * rs;
+    const bool has_r1 = 2 * p + 1 < rows;
+    const bf16* r1 = r0 + rs;
+    bf16* d = dst + p * 2 * ld;
+    for (int64_t c = 0; c < cols; ++c) {
+      d[2 * c] = r0[c * cs];
+      d[2 * c + 1] = has_r1 ? r1[c * cs] : zero;
+    }
+  }
+}
+
+// Per (batch, KV head) pair-interleaved copies of K or V, [B, Hkv, ...] in one buffer:
+// transposed (B operand of X @ K^T, the reduction over D): [D / 2][Tk][2], or
+// plain (B operand of P @ V, the reduction over keys): [ceil(Tk / 2)][D][2], zero key at Tk when odd.
+at::Tensor pack_kv(const at::Tensor& x4, const Dims& d, bool transposed) {
+  const int64_t B = d.B, Tk = d.Tk, Hkv = d.Hkv, D = d.D;
+  const int64_t per = transposed ? D * Tk : round_even(Tk) * D;
+  at::Tensor out = at::empty({B * Hkv * per}, x4.options());
+  const bf16* X = x4.data_ptr<bf16>();
+  bf16* O = out.data_ptr<bf16>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bh = b0; bh < b1; ++bh) {
+      const int64_t b = bh / Hkv, hk = bh % Hkv;
+      const bf16* src = X + (b * Tk * Hkv + hk) * D;
+      if (transposed)
+        pack_pairs(src, D, Tk, 1, Hkv * D, O + bh * per, Tk);
+      else
+        pack_pairs(src, Tk, D, Hkv * D, 1, O + bh * per, D);
+    }
+  });
+  return out;
+}
+
+// Per-thread bf16 scratch, as scratch() for floats.
+inline bf16* scratch_bf16(int slot, int64_t n) {
+  thread_local std::vector<bf16> buffers[3];
+  std::vector<bf16>& b = buffers[slot];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
+// rows x cols fp32 block (row stride ld_src) -> bf16 [rows][ld_dst], columns [cols, ld_dst) zeroed.
+inline void to_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld_src, bf16* dst, int64_t ld_dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = src + i * ld_src;
+    bf16* o = dst + i * ld_dst;
+    for (int64_t j = 0; j < cols; ++j) o[j] = bf16(s[j]);
+    for (int64_t j = cols; j < ld_dst; ++j) o[j] = bf16(0.f);
+  }
+}
+
+// Transposed: dst[j][i] = src[i][j] for a rows x cols block, dst [cols][ld_dst], columns [rows, ld_dst) zeroed.
+inline void to_bf16_t(const float* src, int64_t rows, int64_t cols, int64_t ld_src, bf16* dst, int64_t ld_dst) {
+  for (int64_t j = 0; j < cols; ++j) {
+    bf16* o = dst + j * ld_dst;
+    for (int64_t i = 0; i < rows; ++i) o[i] = bf16(src[i * ld_src + j]);
+    for (int64_t i = rows; i < ld_dst; ++i) o[i] = bf16(0.f);
+  }
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -204,8 +331,15 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   // each query block is converted when its task starts and its output rounded when it ends, so no
   // fp32 copy of q or of the output exists.
   const bool half = q.scalar_type() != at::kFloat;
+  // bf16 block products (see the header): K^T and V packed once, Q read in place
+  const bool mm16 = q.scalar_type() == at::kBFloat16 && d.D % 2 == 0 && brgemm_bf16_usable();
   const at::Tensor q4 = (q.dim() == 3 ? q.unsqueeze(0) : q).contiguous();
-  const at::Tensor kf = as_f32(k), vf = as_f32(v);
+  const at::Tensor kf = mm16 ? at::Tensor() : as_f32(k), vf = mm16 ? at::Tensor() : as_f32(v);
+  const at::Tensor kt16 = mm16 ? pack_kv((k.dim() == 3 ? k.unsqueeze(0) : k).contiguous(), d, true) : at::Tensor();
+  const at::Tensor v16 = mm16 ? pack_kv((v.dim() == 3 ? v.unsqueeze(0) : v).contiguous(), d, false) : at::Tensor();
+  const bf16* Kt16 = mm16 ? kt16.data_ptr<bf16>() : nullptr;
+  const bf16* V16 = mm16 ? v16.data_ptr<bf16>() : nullptr;
+  const int64_t Tk_even = round_even(d.Tk);
   const at::Tensor ks_t = kv_start.contiguous(), ke_t = kv_end.contiguous();
   at::Tensor out4 = new_buffer({d.B, d.Tq, d.H, d.D}, q.options());
   at::Tensor lse = new_buffer({d.B, d.H, d.Tq}, q.options().dtype(at::kFloat));
@@ -215,8 +349,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   char* Oraw = static_cast<char*>(out4.data_ptr());
   const int64_t esize = q4.element_size();
   const auto half_opts = at::TensorOptions().dtype(q.scalar_type());
-  const float* K = kf.data_ptr<float>();
-  const float* V = vf.data_ptr<float>();
+  const float* K = mm16 ? nullptr : kf.data_ptr<float>();
+  const float* V = mm16 ? nullptr : vf.data_ptr<float>();
   float* O = half ? nullptr : out4.data_ptr<float>();
   float* L = lse.data_ptr<float>();
   const int32_t* KS = ks_t.data_ptr<int32_t>();
@@ -243,7 +377,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
     const int64_t b = task / (H * nqb), h = (task / nqb) % H, qb = task % nqb;
     const int64_t hk = h / G;
     const int64_t m0 = qb * kBlockM, m1 = std::min(Tq, m0 + kBlockM), mr = m1 - m0;
-    const int64_t lo = lo_v[b * nqb + qb], hi = hi_v[b * nqb + qb];
+    // bf16 products: chunks start at even keys (the packed V pairs keys 2i, 2i + 1)
+    const int64_t lo = mm16 ? (lo_v[b * nqb + qb] & ~int64_t(1)) : lo_v[b * nqb + qb], hi = hi_v[b * nqb + qb];
     const int32_t* ks = KS + b * Tq;
     const int32_t* ke = KE + b * Tq;
     float* lrow = L + (b * H + h) * Tq;
@@ -265,15 +400,22 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
     std::fill(acc, acc + mr * D, 0.0f);
     std::fill(mx, mx + mr, -std::numeric_limits<float>::infinity());
     std::fill(sum, sum + mr, 0.0f);
-    const at::Tensor Qv = half ? at::from_blob(Qraw + off * esize, {mr, D}, {ldq, 1}, half_opts).to(at::kFloat)
-                               : view2d(Q + off, mr, D, ldq);
+    const at::Tensor Qv = mm16   ? at::Tensor()
+                          : half ? at::from_blob(Qraw + off * esize, {mr, D}, {ldq, 1}, half_opts).to(at::kFloat)
+                                 : view2d(Q + off, mr, D, ldq);
+    const bf16* Q16 = mm16 ? reinterpret_cast<const bf16*>(Qraw) + off : nullptr;
+    const bf16* Kt16b = mm16 ? Kt16 + (b * Hkv + hk) * D * Tk : nullptr;
+    const bf16* V16b = mm16 ? V16 + (b * Hkv + hk) * Tk_even * D : nullptr;
+    bf16* p16 = mm16 ? scratch_bf16(0, mr * kBlockN) : nullptr;
     at::Tensor Acc = view2d(acc, mr, D, D);
     for (int64_t c0 = lo; c0 < hi; c0 += kBlockN) {
       const int64_t nc = std::min(kBlockN, hi - c0);
-      const at::Tensor Kc = view2d(K + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
-      const at::Tensor Vc = view2d(V + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
-      at::Tensor S = view2d(sbuf, mr, nc, nc);
-      at::mm_out(S, Qv, Kc.t());
+      if (mm16) {
+        gemm_bf16(mr, nc, D, ldq, Tk, nc, false, Q16, Kt16b + 2 * c0, sbuf);
+      } else {
+        at::Tensor S = view2d(sbuf, mr, nc, nc);
+        at::mm_out(S, Qv, view2d(K + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk).t());
+      }
       for (int64_t i = 0; i < mr; ++i) {
         float* s = sbuf + i * nc;
         const int64_t a = std::max<int64_t>(std::max<int64_t>(ks[m0 + i], 0), c0) - c0;
@@ -295,7 +437,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
           for (int64_t j = 0; j < D; ++j) ar[j] *= alpha;
         }
       }
-      Acc.addmm_(S, Vc);
+      if (mm16) {
+        const int64_t nce = round_even(nc);  // the reduction over keys, rounded up to whole pairs
+        to_bf16(sbuf, mr, nc, nc, p16, nce);
+        gemm_bf16(mr, D, nce, nce, D, D, true, p16, V16b + c0 * D, acc);
+      } else {
+        Acc.addmm_(view2d(sbuf, mr, nc, nc), view2d(V + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk));
+      }
     }
     for (int64_t i = 0; i < mr; ++i) {
       // fp32: straight into the output; half: normalise in place, then one rounding copy below.
@@ -311,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
       }
     }
     if (half) at::from_blob(Oraw + off * esize, {mr, D}, {ldq, 1}, half_opts).copy_(Acc);
-  });
+  }, [&] { if (mm16) release_bf16(); });
 
   at::Tensor out = out4;
   if (d.packed) {
@@ -334,10 +482,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
               "span_attention_cpp_bwd: grad_out and out must have q's shape");
   const int64_t B = d.B, Tq = d.Tq, Tk = d.Tk, H = d.H, Hkv = d.Hkv, D = d.D, G = d.G;
   TORCH_CHECK(lse.numel() == B * H * Tq, "span_attention_cpp_bwd: lse must be [B, H, Tq] or [H, N]");
-  const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), dof = as_f32(grad_out), of = as_f32(out);
+  // bf16 block products (see the header): q, dO read in place; K^T, V^T and K packed once; the
+  // query and dO blocks packed per block for the dK / dV products. Otherwise fp32 copies.
+  const bool mm16 = q.scalar_type() == at::kBFloat16 && grad_out.scalar_type() == at::kBFloat16 && D % 2 == 0 &&
+                    brgemm_bf16_usable();
+  auto as4 = [](const at::Tensor& t) { return (t.dim() == 3 ? t.unsqueeze(0) : t).contiguous(); };
+  const at::Tensor qf = mm16 ? as4(q) : as_f32(q), dof = mm16 ? as4(grad_out) : as_f32(grad_out);
+  const at::Tensor kf = mm16 ? at::Tensor() : as_f32(k), vf = mm16 ? at::Tensor() : as_f32(v);
+  const at::Tensor k4 = mm16 ? as4(k) : at::Tensor(), v4 = mm16 ? as4(v) : at::Tensor();
+  const at::Tensor kt16 = mm16 ? pack_kv(k4, d, true) : at::Tensor();
+  const at::Tensor vt16 = mm16 ? pack_kv(v4, d, true) : at::Tensor();
+  const at::Tensor k16 = mm16 ? pack_kv(k4, d, false) : at::Tensor();
+  const int64_t Tk_even = round_even(Tk);
   const at::Tensor lf = lse.to(at::kFloat).contiguous();
-  // delta[b, h, i] = <dO_i, O_i> - dlse_i   (dS = P * (dP - delta))
-  at::Tensor delta = (dof * of).sum(-1).permute({0, 2, 1}).contiguous();  // [B, H, Tq]
+  // delta[b, h, i] = <dO_i, O_i> - dlse_i   (dS = P * (dP - delta)), in fp32
+  at::Tensor delta = (as4(grad_out).to(at::kFloat) * as4(out).to(at::kFloat)).sum(-1).permute({0, 2, 1}).contiguous();
   if (grad_lse.has_value() && grad_lse->defined())
     delta.sub_(grad_lse->to(at::kFloat).reshape({B, H, Tq}));
   const at::Tensor ks_t = kv_start.contiguous(), ke_t = kv_end.contiguous();
@@ -345,10 +504,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
   at::Tensor dkh = at::zeros({B, H, Tk, D}, q.options().dtype(at::kFloat));  // per query head
   at::Tensor dvh = at::zeros({B, H, Tk, D}, q.options().dtype(at::kFloat));
 
-  const float* Q = qf.data_ptr<float>();
-  const float* K = kf.data_ptr<float>();
-  const float* V = vf.data_ptr<float>();
-  const float* dO = dof.data_ptr<float>();
+  const float* Q = mm16 ? nullptr : qf.data_ptr<float>();
+  const float* K = mm16 ? nullptr : kf.data_ptr<float>();
+  const float* V = mm16 ? nullptr : vf.data_ptr<float>();
+  const float* dO = mm16 ? nullptr : dof.data_ptr<float>();
+  const bf16* Q16 = mm16 ? qf.data_ptr<bf16>() : nullptr;
+  const bf16* dO16 = mm16 ? dof.data_ptr<bf16>() : nullptr;
+  const bf16* Kt16 = mm16 ? kt16.data_ptr<bf16>() : nullptr;
+  const bf16* Vt16 = mm16 ? vt16.data_ptr<bf16>() : nullptr;
+  const bf16* K16 = mm16 ? k16.data_ptr<bf16>() : nullptr;
   const float* LSE = lf.data_ptr<float>();
   const float* DEL = delta.data_ptr<float>();
   float* dQ = dqf.data_ptr<float>();
@@ -373,6 +537,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
     float* pbuf = scratch(0, kBlockM * kBlockN);
     float* dpbuf = scratch(1, kBlockM * kBlockN);
     float* dqacc = scratch(2, kBlockM * D);
+    // bf16: [rows][cols rounded to pairs] copies of P^T, dS and dS^T, and the packed q / dO block
+    bf16* pt16 = mm16 ? scratch_bf16(0, kBlockN * kBlockM) : nullptr;
+    bf16* ds16 = mm16 ? scratch_bf16(1, kBlockM * kBlockN) : nullptr;
+    bf16* qdo16 = mm16 ? scratch_bf16(2, 2 * kBlockM * D) : nullptr;
+    const bf16* Kt16b = mm16 ? Kt16 + (b * Hkv + hk) * D * Tk : nullptr;
+    const bf16* Vt16b = mm16 ? Vt16 + (b * Hkv + hk) * D * Tk : nullptr;
+    const bf16* K16b = mm16 ? K16 + (b * Hkv + hk) * Tk_even * D : nullptr;
     for (int64_t qb = 0; qb < nqb; ++qb) {
       const int64_t m0 = qb * kBlockM, m1 = std::min(Tq, m0 + kBlockM), mr = m1 - m0;
       int64_t lo, hi;
@@ -383,16 +554,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
         continue;
       }
       std::fill(dqacc, dqacc + mr * D, 0.0f);
-      const at::Tensor Qv = view2d(Q + ((b * Tq + m0) * H + h) * D, mr, D, ldq);
-      const at::Tensor dOv = view2d(dO + ((b * Tq + m0) * H + h) * D, mr, D, ldq);
+      const int64_t off = ((b * Tq + m0) * H + h) * D;
+      const int64_t mre = round_even(mr);  // the reduction over queries (dK, dV), in whole pairs
+      if (mm16) {
+        lo &= ~int64_t(1);  // chunks start at even keys (the packed K pairs keys 2i, 2i + 1)
+        pack_pairs(Q16 + off, mr, D, ldq, 1, qdo16, D);
+        pack_pairs(dO16 + off, mr, D, ldq, 1, qdo16 + mre * D, D);
+      }
+      const at::Tensor Qv = mm16 ? at::Tensor() : view2d(Q + off, mr, D, ldq);
+      const at::Tensor dOv = mm16 ? at::Tensor() : view2d(dO + off, mr, D, ldq);
       at::Tensor dQacc = view2d(dqacc, mr, D, D);
       for (int64_t c0 = lo; c0 < hi; c0 += kBlockN) {
         const int64_t nc = std::min(kBlockN, hi - c0);
-        const at::Tensor Kc = view2d(K + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
-        const at::Tensor Vc = view2d(V + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
-        at::Tensor P = view2d(pbuf, mr, nc, nc);
-        at::Tensor dP = view2d(dpbuf, mr, nc, nc);
-        at::mm_out(P, Qv, Kc.t());
+        const int64_t nce = round_even(nc);
+        if (mm16) {
+          gemm_bf16(mr, nc, D, ldq, Tk, nc, false, Q16 + off, Kt16b + 2 * c0, pbuf);
+        } else {
+          at::Tensor P = view2d(pbuf, mr, nc, nc);
+          at::mm_out(P, Qv, view2d(K + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk).t());
+        }
         for (int64_t i = 0; i < mr; ++i) {
           float* s = pbuf + i * nc;
           const int64_t a = std::max<int64_t>(std::max<int64_t>(ks[m0 + i], 0), c0) - c0;
@@ -406,18 +586,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
           std::fill(s + e, s + nc, 0.0f);
           exp_row(s + a, e - a, scale, l);
         }
-        at::Tensor dVc = view2d(dVb + c0 * D, nc, D, D);
-        dVc.addmm_(P.t(), dOv);
-        at::mm_out(dP, dOv, Vc.t());
+        if (mm16) {
+          to_bf16_t(pbuf, mr, nc, nc, pt16, mre);
+          gemm_bf16(nc, D, mre, mre, D, D, true, pt16, qdo16 + mre * D, dVb + c0 * D);  // dV += P^T dO
+          gemm_bf16(mr, nc, D, ldq, Tk, nc, false, dO16 + off, Vt16b + 2 * c0, dpbuf);  // dP = dO V^T
+        } else {
+          const at::Tensor Vc = view2d(V + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
+          view2d(dVb + c0 * D, nc, D, D).addmm_(view2d(pbuf, mr, nc, nc).t(), dOv);
+          at::Tensor dP = view2d(dpbuf, mr, nc, nc);
+          at::mm_out(dP, dOv, Vc.t());
+        }
         for (int64_t i = 0; i < mr; ++i) {
           float* p = pbuf + i * nc;
           float* dp = dpbuf + i * nc;
           const float dl = drow[m0 + i];
           for (int64_t j = 0; j < nc; ++j) dp[j] = p[j] * (dp[j] - dl);
         }
-        dQacc.addmm_(dP, Kc);
-        at::Tensor dKc = view2d(dKb + c0 * D, nc, D, D);
-        dKc.addmm_(dP.t(), Qv);
+        if (mm16) {
+          to_bf16(dpbuf, mr, nc, nc, ds16, nce);
+          gemm_bf16(mr, D, nce, nce, D, D, true, ds16, K16b + c0 * D, dqacc);  // dQ += dS K
+          to_bf16_t(dpbuf, mr, nc, nc, pt16, mre);
+          gemm_bf16(nc, D, mre, mre, D, D, true, pt16, qdo16, dKb + c0 * D);  // dK += dS^T Q
+        } else {
+          const at::Tensor Kc = view2d(K + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
+          const at::Tensor dS = view2d(dpbuf, mr, nc, nc);
+          dQacc.addmm_(dS, Kc);
+          view2d(dKb + c0 * D, nc, D, D).addmm_(dS.t(), Qv);
+        }
       }
       for (int64_t i = 0; i < mr; ++i) {
         float* row = dQb + i * ldq;
@@ -425,7 +620,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
         for (int64_t j = 0; j < D; ++j) row[j] = ar[j] * scale;
       }
     }
-  });
+  }, [&] { if (mm16) release_bf16(); });
 
   // Sum the query heads of each KV group in a fixed order; back to [B, Tk, Hkv, D].
   at::Tensor dk = dkh.view({B, Hkv, G, Tk, D}).sum(2).mul_(scale).permute({0, 2, 1, 3});
@@ -442,6 +637,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
 }
 
 }  // namespace
+
+// Whether bf16 inputs get bf16 block products here (else they are converted to fp32): the CPU default
+// (ops/span_attention.py) picks this kernel for bf16 training only where they do.
+bool bf16_block_products() { return brgemm_bf16_usable(); }
+
+TORCH_LIBRARY_FRAGMENT(llavit_cpp, m) { m.def("bf16_block_products() -> bool", &bf16_block_products); }
 
 TORCH_LIBRARY_IMPL(llavit, CPU, m) {
   m.impl("span_attention_cpp_fwd", &fwd_cpu);

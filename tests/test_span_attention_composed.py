@@ -293,8 +293,12 @@ def test_cpu_half_engine_modes(monkeypatch, native, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("needs_grad", [False, True])
 @pytest.mark.parametrize("cpp_builds", [True, False])
-def test_cpu_default_follows_the_table(monkeypatch, dtype, needs_grad, cpp_builds):
-    """backend=None on CPU runs CPU_DEFAULT's choice for (dtype, grad needed); without the C++ build, composed."""
+@pytest.mark.parametrize("bf16_native", [True, False])
+def test_cpu_default_follows_the_table(monkeypatch, dtype, needs_grad, cpp_builds, bf16_native):
+    """backend=None on CPU runs CPU_DEFAULT's choice for (dtype, grad needed), CPU_DEFAULT_BF16_CONVERTED's
+    where the C++ kernel converts bf16 blocks to fp32; without the C++ build, composed."""
+    if dtype != torch.bfloat16 and not bf16_native:
+        pytest.skip("bf16_native only matters for bfloat16")
     front = importlib.import_module("llavit_kernels.ops.span_attention")  # the package exports a function of that name
     from llavit_kernels.ops import _span_attention_cpp as cpp
 
@@ -307,7 +311,14 @@ def test_cpu_default_follows_the_table(monkeypatch, dtype, needs_grad, cpp_build
     monkeypatch.setattr(cpp, "span_attention_cpp", lambda *a, **kw: calls.append("cpp") or real_cpp(*a, **kw))
     monkeypatch.setattr(cpp, "cpp_available", lambda: cpp_builds)
     monkeypatch.setattr(cpp, "warn_unavailable", lambda *a, **kw: None)
-    planned = front.CPU_DEFAULT.get((dtype, needs_grad), "composed")
+    monkeypatch.setattr(cpp, "bf16_block_products", lambda: bf16_native)
+
+    def table(grad):
+        if (dtype, grad) in front.CPU_DEFAULT_BF16_CONVERTED and not bf16_native:
+            return front.CPU_DEFAULT_BF16_CONVERTED[(dtype, grad)]
+        return front.CPU_DEFAULT.get((dtype, grad), "composed")
+
+    planned = table(needs_grad)
     if cpp_builds and planned == "cpp" and not real_cpp_available():
         pytest.skip("the C++ kernel does not build on this machine")
     out = span_attention(q, k, v, case.layout)
@@ -317,7 +328,7 @@ def test_cpu_default_follows_the_table(monkeypatch, dtype, needs_grad, cpp_build
     with torch.no_grad():  # no gradient needed: the forward-only choice
         calls.clear()
         span_attention(q, k, v, case.layout)
-        assert calls == [front.CPU_DEFAULT.get((dtype, False), "composed") if cpp_builds else "composed"]
+        assert calls == [table(False) if cpp_builds else "composed"]
 
 
 def real_cpp_available():

@@ -250,6 +250,57 @@ def test_fuzzed_packed_layouts(seed, docs):
     check(layout, mask, *make_qkv(layout, heads=2, kv_heads=1, head_dim=64, dtype=torch.float32, seed=seed))
 
 
+# ----------------------------------------------------------------------------- bf16 block products
+def _avx512_cpu() -> bool:
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= C._cpu_flags()
+
+
+def test_bf16_block_products_engage_where_the_cpu_has_them(monkeypatch):
+    """oneDNN's bf16 micro-kernel needs AVX-512 (and oneDNN on); LLAVIT_CPP_NO_BRGEMM=1 turns it off."""
+    monkeypatch.delenv("LLAVIT_CPP_NO_BRGEMM", raising=False)
+    assert C.bf16_block_products() == (_avx512_cpu() and torch.backends.mkldnn.is_available()
+                                       and torch.backends.mkldnn.enabled)
+    monkeypatch.setenv("LLAVIT_CPP_NO_BRGEMM", "1")
+    assert not C.bf16_block_products()
+    monkeypatch.delenv("LLAVIT_CPP_NO_BRGEMM")
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not C.bf16_block_products()
+
+
+@pytest.mark.parametrize("products", ["bf16", "fp32"])
+@pytest.mark.parametrize("case", ["odd_offsets", "long_chunks", "query_chunk", "packed"])
+def test_bf16_both_product_paths(monkeypatch, products, case):
+    """bf16 inputs through the bf16 block products (pair-packed K/V, P and dS rounded to bf16) and
+    through the fp32 conversion, each against the float64 oracle: odd block sizes, chunks starting at
+    odd keys (rounded down to a pair), several 512-key chunks, a query chunk, packed documents."""
+    if products == "bf16":
+        monkeypatch.delenv("LLAVIT_CPP_NO_BRGEMM", raising=False)
+        if not C.bf16_block_products():
+            pytest.skip("no bf16 block products on this CPU (needs AVX-512 and oneDNN)")
+    else:
+        monkeypatch.setenv("LLAVIT_CPP_NO_BRGEMM", "1")
+        assert not C.bf16_block_products()
+    rng = random.Random(hash(case) % 1000)
+    if case == "odd_offsets":  # left padding of 37 and 1 tokens: every key range starts at an odd key
+        img = torch.zeros(2, 133, dtype=torch.bool)
+        img[0, 50:91] = True
+        img[1, 1:100] = True
+        attn = torch.ones(2, 133, dtype=torch.long)
+        attn[0, :37] = 0
+        attn[1, :1] = 0
+        layout, mask = SpanLayout.from_image_mask(img, attn), padded_mask(img, attn)
+    elif case == "long_chunks":
+        img = torch.zeros(1, 1131, dtype=torch.bool)
+        img[0, 37:613] = True  # a 576-token image at an odd offset: chunks start at odd keys
+        img[0, 801:1001] = True
+        layout, mask = SpanLayout.from_image_mask(img), unpadded_mask(img)
+    elif case == "query_chunk":
+        layout, mask = padded_case(rng, batch=2, length=71, past_length=555, pad="right")
+    else:
+        layout, mask = packed_case(rng, [131, 1, 260, 17])
+    check(layout, mask, *make_qkv(layout, heads=4, kv_heads=2, head_dim=64, dtype=torch.bfloat16))
+
+
 def test_strided_inputs():
     # q, k, v as head slices of one fused tensor, a transposed grad_out.
     layout, mask = padded_case(random.Random(31), batch=2, length=70, pad="left")

@@ -36,6 +36,7 @@ from ._span_attention_op import BWD_SCHEMA, FWD_SCHEMA, register_fake_and_autogr
 
 __all__ = [
     "CPP_DTYPES",
+    "bf16_block_products",
     "cpp_available",
     "cpp_unavailable_reason",
     "load_extension",
@@ -170,6 +171,19 @@ def load_extension() -> bool:
 
 def cpp_available() -> bool:
     return load_extension()
+
+
+def bf16_block_products() -> bool:
+    """Whether the loaded kernel multiplies bf16 blocks in bf16 (oneDNN's micro-kernel through
+    ``at::native::cpublas::brgemm``: CPUs with AVX-512; not with ``LLAVIT_CPP_NO_BRGEMM=1`` or
+    ``torch.backends.mkldnn`` off), rather than converting them to fp32. False when not loaded.
+    Inside ``torch.compile`` it returns the last eager answer (no op call in the traced graph)."""
+    if not load_extension():
+        return False
+    if torch.compiler.is_compiling():
+        return _state.get("bf16_block_products", False)
+    _state["bf16_block_products"] = bool(torch.ops.llavit_cpp.bf16_block_products())
+    return _state["bf16_block_products"]
 
 
 def cpp_unavailable_reason() -> Optional[str]:

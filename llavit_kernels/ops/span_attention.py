@@ -88,23 +88,33 @@ def _warn_fallback(q: torch.Tensor) -> None:
 
 
 # backend=None on CPU: (dtype, gradients needed) -> "cpp" (csrc/, when it builds) or "composed". The one
-# place this choice is made, from the same-run comparison bench/results/cpu-20261202/cpu-default-choice*
-# (batch 1, two 576-token images, 1 thread, time / causal SDPA): fp32 cpp 1.01-1.08x vs composed
-# 1.06-1.31x (7B T=2048 fwd+bwd: 0.54x vs 1.06x); fp16 cpp 0.68x fwd / 0.14x fwd+bwd vs composed
-# 0.83x / 0.17x; bf16 forward cpp 1.01-1.32x vs composed 1.14-1.41x, but bf16 fwd+bwd composed
-# 1.12-1.51x vs cpp 1.32-1.83x (the C++ backward computes in fp32 where SDPA's uses bf16 GEMMs) and
-# composed holds 3-4x less memory there.
+# place this choice is made, from same-run comparisons (batch 1, two 576-token images, 1 thread, time /
+# causal SDPA; bench/results/cpu-20261202/):
+# * cpu-default-choice*: fp32 cpp 1.01-1.08x vs composed 1.06-1.31x (7B T=2048 fwd+bwd: 0.54x vs 1.06x);
+#   fp16 cpp 0.68x fwd / 0.14x fwd+bwd vs composed 0.83x / 0.17x.
+# * cpu-default-bf16*: bf16 where the C++ kernel multiplies bf16 blocks natively (AVX-512, oneDNN's
+#   micro-kernel): cpp is the fastest forward and forward+backward.
+# CPU_DEFAULT_BF16_CONVERTED replaces entries where it converts bf16 blocks to fp32 (no AVX-512): there
+# cpu-default-choice measured bf16 forward cpp 1.01-1.32x vs composed 1.14-1.41x, but fwd+bwd composed
+# 1.12-1.51x vs cpp 1.32-1.83x, with 3-4x less memory for composed.
 CPU_DEFAULT = {
     (torch.float32, False): "cpp", (torch.float32, True): "cpp",
     (torch.float16, False): "cpp", (torch.float16, True): "cpp",
-    (torch.bfloat16, False): "cpp", (torch.bfloat16, True): "composed",
+    (torch.bfloat16, False): "cpp", (torch.bfloat16, True): "cpp",
 }
+CPU_DEFAULT_BF16_CONVERTED = {(torch.bfloat16, True): "composed"}
 
 
 def _cpu_default_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     """The engine ``backend=None`` runs on CPU (the C++ kernel falls back to composed if it cannot build)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return CPU_DEFAULT.get((q.dtype, needs_grad), "composed")  # float64: composed (cpu_flash covers it)
+    key = (q.dtype, needs_grad)
+    if key in CPU_DEFAULT_BF16_CONVERTED:
+        from . import _span_attention_cpp as cpp
+
+        if not cpp.bf16_block_products():
+            return CPU_DEFAULT_BF16_CONVERTED[key]
+    return CPU_DEFAULT.get(key, "composed")  # float64: composed (cpu_flash covers it)
 
 
 def span_attention(
@@ -126,7 +136,8 @@ def span_attention(
         softmax_scale: defaults to ``1 / sqrt(D)``.
         backend: ``None`` (Triton on CUDA, with the reference for what the kernels do not cover:
             float64, head dims other than 64, 80, 96, 128; on CPU what ``CPU_DEFAULT`` says: the
-            C++ kernel, except composed for bf16 with gradients and float64), ``"reference"``, ``"triton"`` (raises for
+            C++ kernel, except composed for float64, and for bf16 with gradients where the C++ kernel
+            converts bf16 blocks to fp32 (CPUs without AVX-512)), ``"reference"``, ``"triton"`` (raises for
             inputs the kernels do not cover; see docs/span_attention.md), ``"composed"`` (a causal
             attention engine plus the image-span completion, merged by log-sum-exp; CPU and CUDA) or
             ``"cpp"`` (the C++ CPU kernel of csrc/, built on first use; fp32/fp16/bf16, any head dim;
