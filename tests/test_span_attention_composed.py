@@ -440,11 +440,22 @@ def test_gpu_query_chunk_is_not_covered_by_composed():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_dense_completion_blocks_fallback(monkeypatch, dtype):
-    # The CPU completion runs each span block on the flash kernel with tokens reversed; the dense
-    # per-span blocks are the fallback (a torch without that kernel): both must be exact.
-    monkeypatch.setattr(C, "USE_FLASH_BLOCKS", False)
+@pytest.mark.parametrize("blocks", ["cpp", "flash", "dense"])
+def test_cpu_completion_blocks_each_engine(monkeypatch, dtype, blocks):
+    # The CPU completion runs each span block on the C++ kernel when it is built, else on the flash
+    # kernel with tokens reversed, else as dense per-span blocks (a torch without that kernel): all exact.
+    from llavit_kernels.ops import _span_attention_cpp as cpp
+
+    if blocks == "cpp" and not cpp.load_extension():
+        pytest.skip("the C++ kernel does not build here")
+    monkeypatch.setattr(C, "USE_CPP_BLOCKS", blocks == "cpp")
+    monkeypatch.setattr(C, "USE_FLASH_BLOCKS", blocks == "flash")
+    used = []
+    for name in ("_cpp_completion_merge", "_cpp_completion_backward"):
+        real = getattr(C, name)
+        monkeypatch.setattr(C, name, lambda *a, _real=real, _name=name, **kw: used.append(_name) or _real(*a, **kw))
     case = random_padded(random.Random(6), batch=2, length=41, pad="left", past_length=0)
     check(case, *make_qkv(case.layout, heads=4, kv_heads=2, head_dim=64, dtype=dtype))
     chunk = random_padded(random.Random(16), batch=2, length=20, past_length=9, pad="left")
     check(chunk, *make_qkv(chunk.layout, heads=4, kv_heads=1, head_dim=32, dtype=dtype))
+    assert bool(used) == (blocks == "cpp")

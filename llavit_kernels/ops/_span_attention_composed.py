@@ -4,8 +4,9 @@ Under LLaViT's mask the keys of query ``q`` are its causal prefix ``[document st
 image token, the rest of its own image ``(q, span_end)`` (``SpanLayout.causal_part`` and
 ``SpanLayout.span_completion`` partition the mask exactly). The causal part runs on the platform's
 fastest causal engine (``_causal_engines``); the completion, about span^2/2 pairs per image, runs on
-our own code: the Triton kernel on CUDA (its block skipping visits only image blocks), per-span dense
-blocks on CPU (O(span^2) memory, never T x T). With ``(o_c, l_c)`` and ``(o_s, l_s)`` the two parts'
+our own code: the Triton kernel on CUDA (its block skipping visits only image blocks), on CPU the C++
+kernel of csrc/ per image when it is built, else the flash kernel per image (tokens reversed), else
+per-span dense blocks (O(span^2) memory, never T x T). With ``(o_c, l_c)`` and ``(o_s, l_s)`` the two parts'
 outputs and log-sum-exps::
 
     l = logaddexp(l_c, l_s)        o = o_c * exp(l_c - l) + o_s * exp(l_s - l)
@@ -118,12 +119,76 @@ def _flash_blocks_available(dtype):
     return USE_FLASH_BLOCKS and E.CPU_FLASH.supports("cpu", dtype, 64, 1, False, 0) is None
 
 
+# When the C++ kernel of csrc/ is built, the completion blocks run on it instead: it visits only the
+# keys of each 64-query block ([q + 1, span end)), where the flash kernel skips causal work only at
+# 512-key granularity, and it multiplies bf16 blocks natively where oneDNN's micro-kernel runs.
+USE_CPP_BLOCKS = True
+
+
+def _cpp_blocks_available(dtype):
+    if not USE_CPP_BLOCKS or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    from . import _span_attention_cpp as cpp
+
+    return cpp.load_extension()
+
+
+def _cpp_block(x4, b, lo, hi):
+    """Tokens lo..hi of row b as a contiguous [1, L, H, D] tensor for the C++ kernel."""
+    return x4[b:b + 1, lo:hi].contiguous()
+
+
+def _cpp_block_intervals(length, device):
+    """Block query j sees block keys [j, length): the completion of one image, keys shifted by one."""
+    start = torch.arange(length, dtype=torch.int32, device=device)[None]
+    return start, torch.full_like(start, length)
+
+
+def _cpp_completion_merge(q4, k4, v4, out4, lse3, spans, query_offset, scale):
+    from ._span_attention_cpp import span_attention_cpp_fwd
+
+    acc = lse3.dtype
+    for b, qa, qe in spans:
+        k_lo, length = query_offset + qa + 1, qe - qa
+        ks, ke = _cpp_block_intervals(length, q4.device)
+        o_s, l_s = span_attention_cpp_fwd(_cpp_block(q4, b, qa, qe), _cpp_block(k4, b, k_lo, k_lo + length),
+                                          _cpp_block(v4, b, k_lo, k_lo + length), ks, ke, ks, ke, scale)
+        lse_s = l_s[0]  # [H, L]; every block row has a key: finite
+        lse_c = lse3[b, :, qa:qe]
+        lse = torch.logaddexp(lse_c, lse_s)
+        w_c = torch.exp(lse_c - lse).transpose(0, 1)[..., None]  # [L, H, 1]
+        w_s = torch.exp(lse_s - lse).transpose(0, 1)[..., None]
+        out_blk = out4[b, qa:qe]
+        if out_blk.dtype == acc:
+            out_blk.mul_(w_c).add_(o_s[0].mul_(w_s))
+        else:
+            out_blk.copy_(out_blk.to(acc).mul_(w_c).add_(o_s[0].to(acc).mul_(w_s)))
+        lse3[b, :, qa:qe] = lse
+
+
+def _cpp_completion_backward(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4, spans, query_offset, scale):
+    from ._span_attention_cpp import span_attention_cpp_bwd
+
+    for b, qa, qe in spans:
+        k_lo, length = query_offset + qa + 1, qe - qa
+        ks, ke = _cpp_block_intervals(length, q4.device)
+        lse = lse3[b:b + 1, :, qa:qe].float().contiguous()  # the MERGED lse and out (see the module doc)
+        dq, dk, dv = span_attention_cpp_bwd(
+            _cpp_block(do4, b, qa, qe), None, _cpp_block(q4, b, qa, qe), _cpp_block(k4, b, k_lo, k_lo + length),
+            _cpp_block(v4, b, k_lo, k_lo + length), _cpp_block(o4, b, qa, qe), lse, ks, ke, ks, ke, scale)
+        dq4[b, qa:qe] += dq[0]
+        dk4[b, k_lo:k_lo + length] += dk[0]
+        dv4[b, k_lo:k_lo + length] += dv[0]
+
+
 def _cpu_completion_merge(q4, k4, v4, out4, lse3, spans, query_offset, scale):
     """Merge every completion block into (out4 [B, T, H, D], lse3 [B, H, T]) in place. The blocks run
     in q4's dtype on the flash kernel (in lse3's, fp32/fp64, on the dense fallback); the merge is done
     in lse3's dtype and written back in out4's."""
     acc = lse3.dtype
     blk = q4.dtype
+    if _cpp_blocks_available(blk):
+        return _cpp_completion_merge(q4, k4, v4, out4, lse3, spans, query_offset, scale)
     if _flash_blocks_available(blk):
         for b, qa, qe in spans:
             k_lo, k_hi = query_offset + qa + 1, query_offset + qe + 1
@@ -161,6 +226,8 @@ def _cpu_completion_backward(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4, spans, qu
     fp32 blocks took ~35% of the bf16 causal backward), in the accumulators' on the dense fallback."""
     acc = dq4.dtype
     blk = q4.dtype
+    if _cpp_blocks_available(blk):
+        return _cpp_completion_backward(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4, spans, query_offset, scale)
     if _flash_blocks_available(blk):
         for b, qa, qe in spans:
             k_lo, k_hi = query_offset + qa + 1, query_offset + qe + 1
