@@ -632,3 +632,68 @@ def test_transformers_floor_is_declared_once():
     from packaging.version import Version
 
     assert Version(transformers.__version__) >= Version(MIN_TRANSFORMERS)
+
+
+# ---------------------------------------------------------------------------- feature layers (LLaVA)
+def test_feature_layers_swap_the_projector_and_concatenate_hidden_states(tmp_path):
+    """apply_llavit(feature_layers=...) on LLaVA: the vision hidden states of those layers, CLS dropped,
+    concatenated, through a new projector of 3x the input width; saved and reloaded with its weights."""
+    from llavit_kernels.integrations import from_pretrained
+
+    model = make_llava("qwen2")
+    hidden = model.config.vision_config.hidden_size
+    old_projector = model.model.multi_modal_projector
+    apply_llavit(model, feature_layers=(0, 1, -1))
+    projector = model.model.multi_modal_projector
+    assert projector is not old_projector and projector.linear_1.in_features == 3 * hidden
+    assert model.config.vision_feature_layer == [0, 1, -1] and model.config.llavit["feature_layers"] == [0, 1, -1]
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        want = projector(torch.cat([states[i][:, 1:] for i in (0, 1, -1)], dim=-1))
+        got = model.model.get_image_features(pixels).pooler_output
+        got = torch.stack(list(got)) if isinstance(got, (list, tuple)) else got  # per image, or batched
+        torch.testing.assert_close(got, want)
+    ids, mask = image_batch()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, pixel_values=pixels).logits
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(transformers.LlavaForConditionalGeneration, tmp_path).eval()
+    assert loaded.config.vision_feature_layer == [0, 1, -1] and loaded.config.llavit["feature_layers"] == [0, 1, -1]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, attention_mask=mask, pixel_values=pixels).logits, logits)
+    # converting again with the same layers keeps the trained projector
+    kept = loaded.model.multi_modal_projector
+    apply_llavit(loaded, feature_layers=[0, 1, -1])
+    assert loaded.model.multi_modal_projector is kept
+
+
+def test_feature_layers_keep_dtype_device_and_frozen_flag():
+    model = make_llava("qwen2").to(torch.bfloat16).requires_grad_(False)
+    apply_llavit(model, feature_layers=(1, 2))
+    params = list(model.model.multi_modal_projector.parameters())
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in params)
+    trainable = make_llava("qwen2")
+    apply_llavit(trainable, feature_layers=(1, 2))
+    assert all(p.requires_grad for p in trainable.model.multi_modal_projector.parameters())
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    ((), TypeError, "non-empty sequence of ints"),
+    (5, TypeError, "sequence of ints"),
+    ((1, True), TypeError, "sequence of ints"),
+    ((1, 3), ValueError, r"2 layers, so indices must be in \[-3, 2\].*\[3\]"),
+    ((-4,), ValueError, r"got \[-4\]"),
+])
+def test_feature_layers_validation(bad, error, match):
+    with pytest.raises(error, match="feature_layers: .*" + match):
+        apply_llavit(make_llava("qwen2"), feature_layers=bad)
+
+
+def test_feature_layers_refused_for_text_models_and_after_peft():
+    with pytest.raises(ValueError, match="feature_layers: only for LLaVA-family models"):
+        apply_llavit(make_text_model("qwen2"), image_token_id=IMAGE_ID, feature_layers=(1, 2))
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(make_llava("qwen2"), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="before wrapping the model with PEFT"):
+        apply_llavit(wrapped, feature_layers=(1, 2))

@@ -54,7 +54,7 @@ import json
 import os
 import types
 import warnings
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -736,6 +736,7 @@ def apply_llavit(
     separate_image_qkv: Optional[bool] = None,
     bidirectional_image: Optional[bool] = None,
     weights: Union[str, os.PathLike, Dict[str, torch.Tensor], None] = "auto",
+    feature_layers: Optional[Sequence[int]] = None,
 ) -> nn.Module:
     """Convert a supported causal LM or multimodal model to LLaViT in place; returns the model.
 
@@ -752,6 +753,14 @@ def apply_llavit(
         weights: image q/k/v weights to load. ``"auto"``: from the checkpoint directory the model
             was loaded from, when its config records a LLaViT conversion, otherwise copies of the
             text weights; a path or state dict: load from there; None: copies of the text weights.
+        feature_layers: LLaVA-family models only: the vision tower's hidden states to concatenate
+            (the paper: ``(5, 15, 23)`` of CLIP-L's 24 layers; 0 = embeddings, i = output of layer
+            i, negatives from the end as in ``config.vision_feature_layer``). Sets
+            ``config.vision_feature_layer`` to the list and swaps in a new projector of input width
+            ``len(feature_layers) * vision hidden size``, randomly initialised (train it in stage 1),
+            on the old projector's device and dtype, with its ``requires_grad``. None (default):
+            keep the model's own (LLaVA-1.5: ``-2``). A model that already uses exactly these layers
+            (a reload of a converted checkpoint) keeps its projector.
 
     ``requires_grad`` of every existing parameter is left as it is; the image copies take the flag of
     the text projection they copy (so a frozen model stays frozen). The model gets its own copy of
@@ -767,6 +776,7 @@ def apply_llavit(
     saved = getattr(model.config, "llavit", None)
     saved = saved if isinstance(saved, dict) else {}
     image_token_id = _resolve_image_token_id(model, kind, image_token_id)
+    layers = _check_feature_layers(model, kind, feature_layers, peft_model is not None)
     if separate_image_qkv is None:
         separate_image_qkv = bool(saved.get("separate_image_qkv", True))
     if bidirectional_image is None:
@@ -782,6 +792,8 @@ def apply_llavit(
         raise TypeError(f"model: found no {family.name} attention modules to convert in {type(model).__name__}")
 
     _own_config(model)
+    if layers is not None:
+        _swap_projector(model, layers)
     state = getattr(model, "_llavit_state", None) or _ForwardState()
     image_names: Dict[str, str] = {}
     for name, module, fam in modules:
@@ -835,7 +847,70 @@ def apply_llavit(
         "separate_image_qkv": separate_image_qkv,
         "bidirectional_image": bidirectional_image,
     }
+    if layers is not None or "feature_layers" in saved:
+        model.config.llavit["feature_layers"] = layers if layers is not None else saved["feature_layers"]
     return outer
+
+
+def _projector_holder(model: nn.Module) -> Optional[nn.Module]:
+    return next((m for m in model.modules() if isinstance(getattr(m, "multi_modal_projector", None), nn.Module)), None)
+
+
+def _check_feature_layers(model, kind: str, feature_layers, wrapped_by_peft: bool) -> Optional[List[int]]:
+    """``feature_layers`` as a list of ints, validated against the vision tower (None stays None)."""
+    if feature_layers is None:
+        return None
+    if kind != "multimodal" or _projector_holder(model) is None or not hasattr(model.config, "vision_feature_layer"):
+        raise ValueError(
+            f"feature_layers: only for LLaVA-family models (a multi_modal_projector and config.vision_feature_layer); "
+            f"got {type(model).__name__}"
+        )
+    if isinstance(feature_layers, (int, str, bytes)) or not hasattr(feature_layers, "__iter__"):
+        raise TypeError(f"feature_layers: expected a sequence of ints such as (5, 15, 23), got {feature_layers!r}")
+    layers = list(feature_layers)
+    if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise TypeError(f"feature_layers: expected a non-empty sequence of ints such as (5, 15, 23), got {feature_layers!r}")
+    depth = int(model.config.vision_config.num_hidden_layers)  # hidden_states: embeddings + one per layer
+    bad = [i for i in layers if not -(depth + 1) <= i <= depth]
+    if bad:
+        raise ValueError(
+            f"feature_layers: the vision tower has {depth} layers, so indices must be in [{-(depth + 1)}, {depth}] "
+            f"(0 = embeddings); got {bad}"
+        )
+    current = model.config.vision_feature_layer
+    current = [current] if isinstance(current, int) else list(current)
+    if wrapped_by_peft and current != layers:
+        raise ValueError(
+            "feature_layers: changing the feature layers swaps the projector; call apply_llavit(..., feature_layers=...) "
+            "before wrapping the model with PEFT"
+        )
+    return layers
+
+
+def _swap_projector(model: nn.Module, layers: List[int]) -> None:
+    """config.vision_feature_layer = layers, and a projector of the matching input width (new, random)."""
+    holder = _projector_holder(model)
+    old = holder.multi_modal_projector
+    width = len(layers) * int(model.config.vision_config.hidden_size)
+    current = model.config.vision_feature_layer
+    current = [current] if isinstance(current, int) else list(current)
+    first = next((m for m in old.modules() if isinstance(m, nn.Linear)), None)
+    if current == layers and first is not None and first.in_features == width:
+        return  # already this model's layers (a reload of a converted checkpoint): keep the trained projector
+    model.config.vision_feature_layer = layers
+    new = type(old)(model.config)
+    first_new = next((m for m in new.modules() if isinstance(m, nn.Linear)), None)
+    if first_new is None or first_new.in_features != width:
+        model.config.vision_feature_layer = current[0] if len(current) == 1 else current
+        raise TypeError(
+            f"feature_layers: {type(old).__name__} built from the config does not take {width} input features "
+            f"({len(layers)} x vision hidden size); this model's projector cannot be resized this way"
+        )
+    ref = next(old.parameters(), None)
+    if ref is not None:
+        new.to(device=ref.device, dtype=ref.dtype).requires_grad_(ref.requires_grad)
+    new.train(old.training)
+    holder.multi_modal_projector = new
 
 
 def apply_llavit_mask(model: nn.Module, image_token_id: Optional[int] = None) -> nn.Module:
