@@ -74,7 +74,8 @@ specialisation Triton's launcher applies at run time to aligned pointers and str
 ``compile_sm90_many(jobs)`` compiles a list of ``dict(kernel=..., signature=..., constexprs=...,
 num_warps=..., num_stages=..., divisible_by_16=...)`` in one subprocess (one import of torch/triton instead of many).
 A job may add ``arch=80`` (or 86, 89) to compile for that GPU instead of sm_90 (shared-memory
-checks of pre-Hopper configs; no HGMMA there).
+checks of pre-Hopper configs; no HGMMA there), and ``maxnreg=N`` (a register cap per thread, as
+``triton.Config(maxnreg=N)`` passes to ptxas).
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ def refill_races(operands: List[Dict[str, Any]]) -> List[str]:
 
 
 def _compile_inprocess(
-    kernel, signature, constexprs, num_warps, num_stages, divisible_by_16=(), arch=90
+    kernel, signature, constexprs, num_warps, num_stages, divisible_by_16=(), arch=90, maxnreg=None
 ) -> Dict[str, Any]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -371,7 +372,8 @@ def _compile_inprocess(
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages, "num_ctas": 1},
+        options={"num_warps": num_warps, "num_stages": num_stages, "num_ctas": 1,
+                 **({"maxnreg": maxnreg} if maxnreg else {})},
     )
     cubin = compiled.asm["cubin"]
     info = _resource_usage(cubin)
@@ -427,6 +429,7 @@ def _run_subprocess(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 "num_stages": int(job["num_stages"]),
                 "divisible_by_16": list(job.get("divisible_by_16") or ()),
                 "arch": int(job.get("arch", 90)),
+                "maxnreg": job.get("maxnreg"),
             }
         )
     env = dict(os.environ)
@@ -475,7 +478,7 @@ def _subprocess_main():
             results.append(
                 _compile_inprocess(
                     kernel, job["signature"], job["constexprs"], job["num_warps"], job["num_stages"], job["divisible_by_16"],
-                    job["arch"],
+                    job["arch"], job.get("maxnreg"),
                 )
             )
         except Exception:  # report per job; the parent raises with the traceback
@@ -509,7 +512,7 @@ def compile_sm90_many(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [
         _compile_inprocess(
             j["kernel"], j["signature"], j.get("constexprs") or {}, j["num_warps"], j["num_stages"],
-            j.get("divisible_by_16") or (), int(j.get("arch", 90)),
+            j.get("divisible_by_16") or (), int(j.get("arch", 90)), j.get("maxnreg"),
         )
         for j in jobs
     ]
