@@ -1,0 +1,299 @@
+"""The stacked-weight routed GEMM (one 3-D TMA descriptor over [2, N, K]): interpreter tier.
+
+When ``weight_image`` starts exactly where ``weight_text`` ends in one storage (``ModalityLinear``
+allocates them so), the forward GEMM and dX read both weights through one TMA descriptor
+(``routed_mm_tma_kernel``); otherwise the pointer kernel (``routed_mm_kernel``) runs. Each test
+checks which kernel ran (a launch spy) and compares against the float64 reference, forward and every
+gradient, with poisoned outputs. The sm_90 compile claims are in test_modality_linear_static.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llavit_kernels.nn import ModalityLinear
+from llavit_kernels.ops import _modality_linear_kernels as kern
+from llavit_kernels.ops import _modality_linear_triton as mlt
+from llavit_kernels.ops.modality_linear import modality_linear, stacked_base
+
+from test_modality_linear_triton import (
+    DEV, HAS_CUDA, TM, check_linear, check_qkv, mask_from_runs, named_layouts, rope_tables,
+)
+
+
+# the small odd widths here take Triton's slow path on purpose (test_modality_linear_triton tests the warning)
+pytestmark = pytest.mark.filterwarnings("ignore:.*slow path")
+
+
+# ----------------------------------------------------------------------------- helpers
+def stacked_inputs(M_shape, K, N, dtype, device=DEV, bias=(True, True), seed=1234):
+    """x and the two weights as halves of one [2, N, K] tensor (leaf Parameters, as ModalityLinear)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*M_shape, K, generator=g).to(device, dtype).requires_grad_(True)
+    weights = (torch.randn(2, N, K, generator=g) / K ** 0.5).to(device, dtype)
+    w_t, w_i = torch.nn.Parameter(weights[0]), torch.nn.Parameter(weights[1])
+    b_t = torch.randn(N, generator=g).to(device, dtype).requires_grad_(True) if bias[0] else None
+    b_i = torch.randn(N, generator=g).to(device, dtype).requires_grad_(True) if bias[1] else None
+    assert stacked_base(w_t, w_i) is not None
+    return x, w_t, b_t, w_i, b_i
+
+
+class _Spy:
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.log.append(self.name)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    log = []
+    monkeypatch.setattr(kern, "routed_mm_kernel", _Spy(kern.routed_mm_kernel, "pointer", log))
+    monkeypatch.setattr(kern, "routed_mm_tma_kernel", _Spy(kern.routed_mm_tma_kernel, "tma", log))
+    return log
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    monkeypatch.setattr(mlt, "POISON_OUTPUTS", True)
+
+
+# ----------------------------------------------------------------------------- detection
+def test_stacked_base_detects_exactly_stacked_halves():
+    W = torch.randn(2, 8, 16)
+    base = stacked_base(W[0], W[1])
+    assert base is not None and base.shape == (2, 8, 16) and torch.equal(base, W)
+    assert stacked_base(W[1], W[0]) is None  # image before text: a negative offset
+    assert stacked_base(W[0], W[0]) is None
+    assert stacked_base(torch.randn(8, 16), torch.randn(8, 16)) is None  # two storages
+    big = torch.randn(3, 8, 16)
+    assert stacked_base(big[0], big[2]) is None  # a gap between them
+    assert stacked_base(W[0].double(), W[1].double()) is None  # copies
+    Wt = torch.randn(2, 16, 8)
+    assert stacked_base(Wt[0].t(), Wt[1].t()) is None  # not contiguous
+    odd = torch.randn(2, 8, 5)  # rows of 20 bytes: not a TMA stride
+    assert stacked_base(odd[0], odd[1]) is None
+    flat = torch.randn(2 * 8 * 16 + 1)
+    assert stacked_base(flat[1:129].view(8, 16), flat[129:].view(8, 16)) is None  # 4 bytes off 16-byte alignment
+    assert stacked_base(torch.empty(0, 16), torch.empty(0, 16)) is None
+
+
+def test_kernel_choice(launches):
+    M, spans = named_layouts(TM)["mixed"]
+    is_image = mask_from_runs(M, spans)
+    x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 24, 20, torch.float32)
+    y = modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
+    y.sum().backward()
+    assert launches == ["tma", "tma"], launches  # forward and dX
+    launches.clear()
+    modality_linear(x, is_image, w_t.detach().clone(), b_t, w_i.detach().clone(), b_i, backend="triton")
+    assert launches == ["pointer"], launches
+    launches.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mlt, "USE_STACKED_TMA", False)
+        modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
+    assert launches == ["pointer"], launches
+
+
+# ----------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("name", list(named_layouts(TM)))
+def test_stacked_linear_fp32_layouts(name, launches, poison):
+    M, spans = named_layouts(TM)[name]
+    x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 24, 20, torch.float32)
+    check_linear(mask_from_runs(M, spans), x, w_t, b_t, w_i, b_i, torch.float32)
+    assert launches.count("tma") == 2 and "pointer" not in launches, launches
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="hypothesis fuzzing runs in the interpreter tier")
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(1, 2 * TM + 1)), min_size=1, max_size=5),
+    st.integers(1, 9).map(lambda k: 4 * k),  # fp32 rows must be 16-byte multiples for TMA
+    st.integers(1, 37),
+    st.tuples(st.booleans(), st.booleans()),
+)
+def test_stacked_linear_fuzz(runs, K, N, bias):
+    is_image = torch.cat([torch.full((n,), img, dtype=torch.bool, device=DEV) for img, n in runs])
+    x, w_t, b_t, w_i, b_i = stacked_inputs((is_image.numel(),), K, N, torch.float32, bias=bias)
+    assert mlt.uses_stacked_kernel(x, w_t, w_i)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mlt, "POISON_OUTPUTS", True)
+        check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stacked_linear_low_precision(dtype, launches, poison):
+    # bf16: the interpreter computes the dot in fp32 (UPCAST), as for the pointer kernel
+    M, spans = named_layouts(TM)["mixed"]
+    x, w_t, b_t, w_i, b_i = stacked_inputs((2, M), 32, 24, dtype)
+    is_image = torch.stack([mask_from_runs(M, spans), ~mask_from_runs(M, spans)])
+    check_linear(is_image, x, w_t, b_t, w_i, b_i, dtype)
+    assert launches.count("tma") == 2 and "pointer" not in launches, launches
+
+
+def test_stacked_equals_pointer_kernel(poison):
+    M, spans = named_layouts(TM)["mixed"]
+    is_image = mask_from_runs(M, spans)
+    x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 40, 36, torch.float32)
+    y = modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
+    y2 = modality_linear(x, is_image, w_t.detach().clone(), b_t, w_i.detach().clone(), b_i, backend="triton")
+    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-5)
+
+
+QKV_STACKED_CASES = [
+    # (lead shape, H, Hkv, D, hidden, rope, kernel expected)
+    ((2, TM + 3), 4, 2, 8, 24, None, "tma"),
+    ((2, TM + 3), 4, 2, 8, 24, "shared", "tma"),  # two heads per 16-wide interpreter tile
+    ((TM * 2 + 5,), 2, 2, 16, 16, "packed", "tma"),  # one head per tile
+    ((TM + 1,), 3, 1, 6, 12, None, "tma"),  # heads straddle tiles (no RoPE: any head dim)
+    ((2, TM + 3), 2, 1, 12, 20, "batched", "pointer"),  # D = 12 with RoPE: not a power of two
+    ((TM + 2,), 2, 1, 32, 16, "shared", "pointer"),  # D = 32 with RoPE: wider than the tile
+]
+
+
+@pytest.mark.parametrize("case", QKV_STACKED_CASES,
+                         ids=lambda c: f"{'x'.join(map(str, c[0]))}-H{c[1]}-Hkv{c[2]}-D{c[3]}-{c[5]}-{c[6]}")
+def test_stacked_qkv_fp32(case, launches, poison):
+    lead, H, Hkv, D, hidden, rope, expected = case
+    N = (H + 2 * Hkv) * D
+    is_image = torch.zeros(lead, dtype=torch.bool, device=DEV)
+    flat = is_image.view(-1)
+    flat[3:TM + 5] = True
+    flat[-2:] = True
+    x, w_t, b_t, w_i, b_i = stacked_inputs(lead, hidden, N, torch.float32)
+    T = lead[-1]
+    cos = sin = None
+    if rope in ("shared", "packed"):
+        cos, sin = rope_tables(T, D)
+    elif rope == "batched":
+        cos, sin = rope_tables(T, D, batch=lead[0])
+    check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float32)
+    assert launches == [expected, "tma"], launches  # forward (RoPE may fall back), then dX
+
+
+def test_stacked_qkv_bf16_rope(launches, poison):
+    lead, H, Hkv, D, hidden = (2, TM + 3), 2, 1, 8, 32
+    is_image = torch.zeros(lead, dtype=torch.bool, device=DEV)
+    is_image.view(-1)[5:TM + 9] = True
+    x, w_t, b_t, w_i, b_i = stacked_inputs(lead, hidden, (H + 2 * Hkv) * D, torch.bfloat16)
+    cos, sin = rope_tables(lead[-1], D, dtype=torch.bfloat16)
+    check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.bfloat16)
+    assert set(launches) == {"tma"}, launches
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tier runs the configs at their real tile size")
+def test_gpu_tma_tile_shapes_in_interpreter(monkeypatch, poison):
+    # each GPU config's BLOCK_N / BLOCK_K (128 / 256 x 64) with the interpreter's BLOCK_M: the
+    # descriptor's zero-filled N and K tails, the per-column q/k/v stores and whole-head RoPE tiles
+    M, spans = named_layouts(TM)["mixed"]
+    is_image = mask_from_runs(M, spans)
+    monkeypatch.setattr(mlt, "_tma_qkv_ok", lambda qkv: qkv is None or qkv[2] is None or 128 % qkv[6] == 0)
+    for cfg in kern.tma_gemm_configs(interpret=False):
+        if cfg.num_stages != 3:
+            continue  # stages do not change what the interpreter computes
+        plain = triton_config(cfg)
+        monkeypatch.setattr(kern.routed_mm_tma_kernel, "configs", [plain])
+        monkeypatch.setattr(kern.routed_mm_tma_kernel, "cache", {})
+        if cfg.kwargs["EPILOGUE"] == "plain":
+            x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 72, 136, torch.float32)  # K tail 8, N tail 8 (or 120)
+            check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.float32)
+        H, Hkv, D = 3, 1, 64  # 320 columns: a partial last tile of heads
+        x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 40, (H + 2 * Hkv) * D, torch.float32)
+        cos, sin = rope_tables(M, D) if cfg.kwargs["EPILOGUE"] == "rope" else (None, None)
+        check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float32)
+
+
+def triton_config(cfg):
+    import triton
+
+    return triton.Config(dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=1, pre_hook=cfg.pre_hook)
+
+
+# ----------------------------------------------------------------------------- the module's storage
+def test_module_weights_are_stacked_and_keep_their_names():
+    m = ModalityLinear(16, 8)
+    assert m.stacked and list(m.state_dict()) == ["weight", "weight_image", "bias", "bias_image"]
+    assert m.weight.is_leaf and m.weight_image.is_leaf
+    assert m.bias.data_ptr() + 8 * 4 == m.bias_image.data_ptr()
+    assert torch.equal(m.weight, m.weight_image)  # the image side starts as a copy
+    assert ModalityLinear(16, 8, bias=False).stacked
+
+
+def test_module_stacking_survives_conversions_copies_and_loads():
+    m = ModalityLinear(16, 8)
+    with torch.no_grad():
+        m.weight_image.add_(1.0)
+    params = (m.weight, m.weight_image)
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+
+    m2 = ModalityLinear(16, 8)
+    m2.load_state_dict(ref)
+    assert m2.stacked and all(torch.equal(m2.state_dict()[k], v) for k, v in ref.items())
+    m3 = copy.deepcopy(m)  # Parameter.__deepcopy__ clones each one alone: re-stacked
+    assert m3.stacked and torch.equal(m3.weight_image, ref["weight_image"])
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=False).stacked
+    m.half()
+    assert m.stacked and m.weight.dtype == torch.float16 and (m.weight, m.weight_image) == params  # same Parameters
+    m.to(torch.float32)
+    assert m.stacked and torch.equal(m.weight_image, ref["weight_image"].half().float())
+    m4 = ModalityLinear(16, 8)
+    m4.load_state_dict(ref, assign=True)
+    assert m4.stacked and torch.equal(m4.weight, ref["weight"])
+    # replacing a parameter loses the sharing (the op falls back, correctly); stack_weights_ restores it
+    m.weight = torch.nn.Parameter(torch.randn(8, 16))
+    assert not m.stacked
+    w = m.weight
+    m.stack_weights_()
+    assert m.stacked and m.weight is w
+
+
+def test_module_sharing_survives_an_optimizer_step():
+    m = ModalityLinear(16, 8)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    x = torch.randn(4, 5, 16)
+    is_image = torch.rand(4, 5) < 0.5
+    m(x, is_image).square().sum().backward()
+    opt.step()
+    assert m.stacked
+
+
+def test_module_forward_takes_the_stacked_kernel(launches, poison):
+    M, spans = named_layouts(TM)["mixed"]
+    is_image = mask_from_runs(M, spans)
+    m = ModalityLinear(24, 20).to(DEV)
+    with torch.no_grad():
+        m.weight_image.mul_(-0.5)
+        m.bias_image.add_(1.0)
+    x = torch.randn(M, 24, device=DEV, requires_grad=True)
+    y = modality_linear(x, is_image, m.weight, m.bias, m.weight_image, m.bias_image, backend="triton")
+    y.square().sum().backward()
+    assert launches == ["tma", "tma"], launches
+    ref = torch.where(is_image[:, None], x @ m.weight_image.T + m.bias_image, x @ m.weight.T + m.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_cast_keeps_the_pair_stacked():
+    from llavit_kernels.nn.linear import _StackedCast
+
+    m = ModalityLinear(16, 8)
+    w, wi = _StackedCast.apply(m.weight, m.weight_image, torch.bfloat16)
+    assert w.dtype == torch.bfloat16 and stacked_base(w, wi) is not None
+    (w.float().sum() + 2 * wi.float().sum()).backward()
+    assert torch.equal(m.weight.grad, torch.ones_like(m.weight)) and torch.equal(m.weight_image.grad, 2 * torch.ones_like(m.weight))
+    w2, wi2 = _StackedCast.apply(torch.randn(8, 16), torch.randn(8, 16), torch.bfloat16)  # not stacked in: stacked out
+    assert stacked_base(w2, wi2) is not None
