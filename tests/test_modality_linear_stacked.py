@@ -71,6 +71,17 @@ def poison(monkeypatch):
     monkeypatch.setattr(mlt, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture(autouse=True)
+def _few_configs_on_gpu(monkeypatch):
+    # on a GPU every new shape would autotune every config: one plain and one RoPE config here
+    # (test_gpu_stacked_every_config runs each config on its own)
+    if HAS_CUDA:
+        cfgs = kern.TMA_CONFIGS
+        keep = [cfgs[kern.TMA_TWO_CTA_CONFIG]] + [c for c in cfgs if c.kwargs["EPILOGUE"] == "rope"][:1]
+        monkeypatch.setattr(kern.routed_mm_tma_kernel, "configs", keep)
+        monkeypatch.setattr(kern.routed_mm_tma_kernel, "cache", {})
+
+
 # ----------------------------------------------------------------------------- detection
 def test_stacked_base_detects_exactly_stacked_halves():
     W = torch.randn(2, 8, 16)
@@ -297,3 +308,27 @@ def test_autocast_cast_keeps_the_pair_stacked():
     assert torch.equal(m.weight.grad, torch.ones_like(m.weight)) and torch.equal(m.weight_image.grad, 2 * torch.ones_like(m.weight))
     w2, wi2 = _StackedCast.apply(torch.randn(8, 16), torch.randn(8, 16), torch.bfloat16)  # not stacked in: stacked out
     assert stacked_base(w2, wi2) is not None
+
+
+# ----------------------------------------------------------------------------- GPU tier
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (GPU tier)")
+
+
+@requires_cuda
+@pytest.mark.parametrize("index", range(len(kern.tma_gemm_configs(interpret=False))))
+def test_gpu_stacked_every_config(index, monkeypatch, launches, poison):
+    # bf16 at real tile sizes, each config on its own: linear (fwd + every gradient) for plain
+    # configs, QKV with RoPE at head dim 128 for RoPE configs
+    cfg = kern.TMA_CONFIGS[index]
+    monkeypatch.setattr(kern.routed_mm_tma_kernel.kernel, "configs", [cfg])
+    monkeypatch.setattr(kern.routed_mm_tma_kernel.kernel, "cache", {})
+    M = 3 * 128 + 40
+    is_image = mask_from_runs(M, [(5, 129), (300, 64), (M - 3, 3)])
+    if cfg.kwargs["EPILOGUE"] == "plain":
+        x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 256, 392, torch.bfloat16)  # N tail of 8 (or 136)
+        check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.bfloat16)
+    H, Hkv, D = 3, 1, 128
+    x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 192, (H + 2 * Hkv) * D, torch.bfloat16)
+    cos, sin = rope_tables(M, D, dtype=torch.bfloat16) if cfg.kwargs["EPILOGUE"] == "rope" else (None, None)
+    check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.bfloat16)
+    assert launches and launches[0] == "tma", launches
