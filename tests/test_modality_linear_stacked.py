@@ -332,3 +332,23 @@ def test_gpu_stacked_every_config(index, monkeypatch, launches, poison):
     cos, sin = rope_tables(M, D, dtype=torch.bfloat16) if cfg.kwargs["EPILOGUE"] == "rope" else (None, None)
     check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.bfloat16)
     assert launches and launches[0] == "tma", launches
+
+
+def test_attention_fuses_text_and_image_qkv_into_one_stacked_tensor():
+    # LlavitAttention concatenates text q|k|v and image q|k|v in ONE torch.cat, so the fused
+    # weights it passes to modality_qkv are stacked (the one-descriptor kernel), with gradients
+    # flowing back to every projection
+    from llavit_kernels.nn import LlavitAttention
+
+    attn = LlavitAttention(32, 4, 2)
+    (w_t, b_t), (w_i, b_i) = attn._fused_weights(None)
+    assert stacked_base(w_t, w_i) is not None and b_t.data_ptr() + b_t.numel() * 4 == b_i.data_ptr()
+    text_linears, image_linears = attn._qkv_modules()
+    torch.testing.assert_close(w_t, torch.cat([lin.weight for lin in text_linears]))
+    torch.testing.assert_close(w_i, torch.cat([lin.weight for lin in image_linears]))
+    torch.testing.assert_close(b_i, torch.cat([lin.bias for lin in image_linears]))
+    (w_t.sum() + 2 * w_i.sum()).backward()
+    assert torch.equal(text_linears[1].weight.grad, torch.ones_like(text_linears[1].weight))
+    assert torch.equal(image_linears[2].weight.grad, 2 * torch.ones_like(image_linears[2].weight))
+    (w_t, _), (w_i, _) = attn._fused_weights(torch.float16)
+    assert w_t.dtype == torch.float16 and stacked_base(w_t, w_i) is not None
