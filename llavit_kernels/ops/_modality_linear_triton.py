@@ -96,10 +96,13 @@ def _warn_if_slow_path(op: str, **operands) -> None:
 USE_STACKED_TMA = True
 
 
-def _tma_capable(device: torch.device) -> bool:
+def _tma_capable(device: torch.device, dtype: torch.dtype) -> bool:
+    """sm_90+ in 16-bit dtypes: what the static tier compiled (fp32, a test dtype that cannot use
+    wgmma with exact products, keeps the pointer kernel on a GPU; the interpreter runs it too)."""
     if K_.INTERPRET:
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _tma_qkv_ok(qkv) -> bool:
@@ -114,7 +117,7 @@ def _tma_qkv_ok(qkv) -> bool:
 
 def uses_stacked_kernel(a: torch.Tensor, w_t: torch.Tensor, w_i: torch.Tensor, qkv=None) -> bool:
     """Whether a GEMM on these operands takes the one-descriptor kernel (tests and docs ask this)."""
-    return (USE_STACKED_TMA and a.dtype == w_t.dtype and _tma_capable(a.device)
+    return (USE_STACKED_TMA and a.dtype == w_t.dtype and _tma_capable(a.device, a.dtype)
             and stacked_base(w_t, w_i) is not None and _tma_qkv_ok(qkv))
 
 
