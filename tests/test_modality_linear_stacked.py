@@ -361,3 +361,34 @@ def test_attention_fuses_text_and_image_qkv_into_one_stacked_tensor():
     assert torch.equal(image_linears[2].weight.grad, 2 * torch.ones_like(image_linears[2].weight))
     (w_t, _), (w_i, _) = attn._fused_weights(torch.float16)
     assert w_t.dtype == torch.float16 and stacked_base(w_t, w_i) is not None
+
+
+@fp32_interpreter_only
+def test_opcheck_stacked():
+    M = TM + 5
+    is_image = mask_from_runs(M, [(2, TM)])
+    x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 16, 32, torch.float32)
+    table = mlt.ml_token_order(is_image)
+    torch.library.opcheck(mlt.ml_linear, (x, table, w_t, b_t, w_i, b_i))
+    dy = torch.randn(M, 32, device=DEV)
+    torch.library.opcheck(mlt.ml_linear_dx, (dy, table, w_t.detach(), w_i.detach()))
+    cos, sin = rope_tables(M, 8)
+    torch.library.opcheck(mlt.ml_qkv, (x, table, w_t, b_t, w_i, b_i, cos, sin, 2, 1))
+
+
+@fp32_interpreter_only
+def test_module_under_torch_compile_keeps_the_stacked_kernel(launches):
+    # aot_eager: the custom op receives the parameters themselves, still the halves of one tensor
+    M, spans = named_layouts(TM)["mixed"]
+    is_image = mask_from_runs(M, spans)
+    m = ModalityLinear(16, 32, device=DEV)
+    x = torch.randn(M, 16, device=DEV, requires_grad=True)
+
+    def step(x):
+        return modality_linear(x, is_image, m.weight, m.bias, m.weight_image, m.bias_image, backend="triton")
+
+    y = torch.compile(step, backend="aot_eager", fullgraph=True)(x)
+    y.square().sum().backward()
+    assert launches == ["tma", "tma"], launches
+    ref = torch.where(is_image[:, None], x @ m.weight_image.T + m.bias_image, x @ m.weight.T + m.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
