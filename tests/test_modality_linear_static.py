@@ -376,3 +376,15 @@ def test_report_tma_kernel(compiled, capsys):
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert lines
+
+
+def test_tma_compiles_stand_for_the_model_shapes():
+    # N and K are runtime integers: the compile above (16-divisible N, K; EVEN_K) is the one a launch at
+    # the 7B fused-QKV shape (3584 -> 4608) and the 3B shape (2048 -> 2560) gets, forward and dX
+    # (where the reduction runs over N)
+    for K, N in ((3584, 4608), (2048, 2560)):
+        for cfg in kern.tma_gemm_configs(interpret=False):
+            assert K % 16 == 0 and N % 16 == 0
+            assert K % cfg.kwargs["BLOCK_K"] == 0 and N % cfg.kwargs["BLOCK_K"] == 0  # EVEN_K, forward and dX
+            if cfg.kwargs["EPILOGUE"] == "rope":
+                assert cfg.kwargs["BLOCK_N"] % 128 == 0  # whole heads of head dim 128
