@@ -21,6 +21,7 @@ from llavit_kernels.nn import ModalityLinear
 from llavit_kernels.ops import _modality_linear_kernels as kern
 from llavit_kernels.ops import _modality_linear_triton as mlt
 from llavit_kernels.ops.modality_linear import modality_linear, stacked_base
+from llavit_kernels.ops.modality_linear import modality_qkv as modality_qkv_op
 
 from test_modality_linear_triton import (
     DEV, HAS_CUDA, TM, check_linear, check_qkv, mask_from_runs, named_layouts, rope_tables,
@@ -392,3 +393,41 @@ def test_module_under_torch_compile_keeps_the_stacked_kernel(launches):
     assert launches == ["tma", "tma"], launches
     ref = torch.where(is_image[:, None], x @ m.weight_image.T + m.bias_image, x @ m.weight.T + m.bias)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_launches_run_under_the_device_guard(monkeypatch):
+    # as test_every_launch_runs_under_the_device_guard, for the one-descriptor kernel (fwd, QKV, dX)
+    import contextlib
+
+    guards, launches = [], []
+    real_guard = mlt._on_device
+
+    @contextlib.contextmanager
+    def spy_guard(t):
+        guards.append(t.device)
+        with real_guard(t):
+            yield
+        guards.pop()
+
+    class GuardSpy(_Spy):
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                self.log.append(guards[-1] if guards else None)
+                return launch(*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(mlt, "_on_device", spy_guard)
+    monkeypatch.setattr(kern, "routed_mm_tma_kernel", GuardSpy(kern.routed_mm_tma_kernel, "tma", launches))
+    M, spans = named_layouts(TM)["mixed"]
+    is_image = mask_from_runs(M, spans)
+    H, Hkv, D = 2, 1, 8
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 16, (H + 2 * Hkv) * D, dtype)
+    cos, sin = rope_tables(M, D, dtype=dtype)
+    y = modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
+    q, k, v = modality_qkv_op(x, is_image, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, backend="triton")
+    torch.autograd.grad(y.float().sum() + q.float().sum() + k.float().sum() + v.float().sum(), [x, w_t])
+    assert len(launches) == 4 and all(d == x.device for d in launches), launches  # y, qkv, 2 x dX
