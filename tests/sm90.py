@@ -56,6 +56,8 @@ constexpr argument names to values (ints, bools, floats, strings). The result di
     smem_buffer_issues  list of str: pipelined async-wgmma operands with fewer shared-memory buffers
                     than num_stages (a buffer read by a pending wgmma while cp.async refills it: the
                     race of Triton issue 6691)
+    ttgir_op_counts {"scf.if": n, "scf.for": n, "async_tma_copy_global_to_local": n,
+                    "async_copy_global_to_local": n (cp.async), "warp_group_dot_wait": n} in the TTGIR
     refill_races    list of str, ``refill_races(wgmma_operands)``: operands an async copy refills
                     with no more buffers than the wgmmas left pending by the following wait, so the
                     next copy overwrites what a pending wgmma still reads (the precise form of the
@@ -348,6 +350,19 @@ def refill_races(operands: List[Dict[str, Any]]) -> List[str]:
     ]
 
 
+_TTGIR_COUNTED_OPS = ("scf.if", "scf.for", "async_tma_copy_global_to_local", "async_copy_global_to_local",
+                      "warp_group_dot_wait")
+
+
+def ttgir_op_counts(ttgir: str) -> Dict[str, int]:
+    """How often a few ops occur in the TTGIR: branches (``scf.if``), loops (``scf.for``), TMA and
+    cp.async copies, wgmma waits (the TMA kernel's "one loop, no branch" claim is checked on it)."""
+    counts = {op: len(re.findall(r"\b(?:ttng\.|ttg\.)?" + re.escape(op) + r"\b", ttgir)) for op in _TTGIR_COUNTED_OPS}
+    # "async_copy_global_to_local" is also a suffix of the TMA op: count the cp.async ones alone
+    counts["async_copy_global_to_local"] = len(re.findall(r"\bttg\.async_copy_global_to_local\b", ttgir))
+    return counts
+
+
 def _compile_inprocess(
     kernel, signature, constexprs, num_warps, num_stages, divisible_by_16=(), arch=90, maxnreg=None
 ) -> Dict[str, Any]:
@@ -411,6 +426,7 @@ def _compile_inprocess(
         "wgmma_operands": operands,
         "smem_buffer_issues": buffer_issues,
         "refill_races": refill_races(operands),
+        "ttgir_op_counts": ttgir_op_counts(compiled.asm["ttgir"]),
     }
 
 

@@ -388,3 +388,16 @@ def test_tma_compiles_stand_for_the_model_shapes():
             assert K % cfg.kwargs["BLOCK_K"] == 0 and N % cfg.kwargs["BLOCK_K"] == 0  # EVEN_K, forward and dX
             if cfg.kwargs["EPILOGUE"] == "rope":
                 assert cfg.kwargs["BLOCK_N"] % 128 == 0  # whole heads of head dim 128
+
+
+def test_tma_kernel_is_one_loop_without_branches(compiled):
+    # the claim of issue 11, point 4, on the sm_90 TTGIR: no scf.if anywhere (the modality is a
+    # descriptor coordinate, not a branch), two loops (the tile loop, the K loop), the weight tile by
+    # TMA and the gathered rows by cp.async
+    bad = []
+    for name, job, res in _tma_results(compiled):
+        ops = res["ttgir_op_counts"]
+        if ops["scf.if"] or ops["scf.for"] != 2 or not ops["async_tma_copy_global_to_local"] \
+                or not ops["async_copy_global_to_local"]:
+            bad.append(f"{name}: {ops}")
+    assert not bad, "\n".join(bad)
