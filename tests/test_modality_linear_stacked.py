@@ -229,10 +229,11 @@ def test_gpu_tma_tile_shapes_in_interpreter(monkeypatch, poison):
         if cfg.kwargs["EPILOGUE"] == "plain":
             x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 72, 136, torch.float32)  # K tail 8, N tail 8 (or 120)
             check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.float32)
-        H, Hkv, D = 3, 1, 64  # 320 columns: a partial last tile of heads
-        x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 40, (H + 2 * Hkv) * D, torch.float32)
-        cos, sin = rope_tables(M, D) if cfg.kwargs["EPILOGUE"] == "rope" else (None, None)
-        check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float32)
+        # D = 64: two heads per 128-wide tile (a partial last tile of heads); D = 128: one head per tile
+        for H, Hkv, D in ((3, 1, 64), (2, 1, 128)):
+            x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 40, (H + 2 * Hkv) * D, torch.float32)
+            cos, sin = rope_tables(M, D) if cfg.kwargs["EPILOGUE"] == "rope" else (None, None)
+            check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float32)
 
 
 def triton_config(cfg):
@@ -431,3 +432,18 @@ def test_stacked_launches_run_under_the_device_guard(monkeypatch):
     q, k, v = modality_qkv_op(x, is_image, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, backend="triton")
     torch.autograd.grad(y.float().sum() + q.float().sum() + k.float().sum() + v.float().sum(), [x, w_t])
     assert len(launches) == 4 and all(d == x.device for d in launches), launches  # y, qkv, 2 x dX
+
+
+@fp32_interpreter_only
+@pytest.mark.parametrize("D", [8, 16])  # two heads per 16-wide interpreter tile; one head per tile
+def test_stacked_qkv_rope_asymmetric_tables(D, launches, poison):
+    # real rotary tables repeat their first half (cos[d] == cos[d + D/2]), which would hide a swap of
+    # the halves' tables: random tables (the op is defined for any cos / sin) catch it
+    lead, H, Hkv, hidden = (2, TM + 3), 2, 1, 24
+    is_image = torch.zeros(lead, dtype=torch.bool, device=DEV)
+    is_image.view(-1)[4:TM + 6] = True
+    x, w_t, b_t, w_i, b_i = stacked_inputs(lead, hidden, (H + 2 * Hkv) * D, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    cos, sin = (torch.randn(lead[-1], D, generator=g).to(DEV) for _ in range(2))
+    check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float32)
+    assert launches == ["tma", "tma"], launches

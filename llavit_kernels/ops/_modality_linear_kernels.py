@@ -384,8 +384,9 @@ def _set_tma_block(nargs):
 #     prologue / epilogue runs beside the other's main loop. Uncapped, ptxas takes 165-192 (one CTA).
 #   128 x 256 x 64, 8 warps, 3 stages: the cuBLAS-like tile (HGMMA 64x256x16), 145 KB, one CTA.
 #   128 x 128 x 64, 4 stages: one CTA with a deeper pipeline.
-#   RoPE: the rotation needs cos / sin tiles beside the accumulator; capped at 128 it spills
-#     (~200 B) and at 256 wide it spills in any case, so RoPE runs uncapped at 128 wide (one CTA).
+#   RoPE: the rotation needs cos / sin tiles beside the accumulator: uncapped 190-193 registers at
+#     128 wide (one head per tile), one CTA; capped at 128 it spills (56 B with fp32 tables, 8 B with
+#     bf16 ones), and 256 wide spills in any case.
 TMA_TILES = (
     (128, 64, 8, 3, 128, "plain"),
     (256, 64, 8, 3, None, "plain"),
@@ -498,29 +499,53 @@ def routed_mm_tma_kernel(
                 # every head, so the rotate-half partner of each column is in registers
                 HALF_D: tl.constexpr = HEAD_DIM // 2
                 HALF: tl.constexpr = BLOCK_N // 2
-                parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, BLOCK_N // HEAD_DIM, 2, HALF_D)),
-                                            (0, 1, 3, 2)))
-                y_lo = tl.reshape(parts[0], (BLOCK_M, HALF))
-                y_hi = tl.reshape(parts[1], (BLOCK_M, HALF))
-                i = tl.arange(0, HALF)
-                head = n0 // HEAD_DIM + i // HALF_D
-                d_lo = i % HALF_D
-                h_ok = head < num_heads + 2 * num_kv_heads
-                rotate = (head < num_heads + num_kv_heads)[None, :]
-                trow = (rows64 % cos_rows) * HEAD_DIM
-                mr = row_ok[:, None] & h_ok[None, :] & rotate
-                # v heads: cos = 1, sin = 0 through the masked loads' defaults. One half at a time
-                # (fewer cos/sin tiles live at once)
-                c_lo = tl.load(cos_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=1.0).to(tl.float32)
-                s_lo = tl.load(sin_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=0.0).to(tl.float32)
-                o_lo = y_lo * c_lo - y_hi * s_lo
-                _store_heads(out_ptr, k_out_ptr, v_out_ptr, rows64, row_ok, head, d_lo, o_lo.to(out_dtype), h_ok,
-                             num_heads, num_kv_heads, HEAD_DIM)
-                c_hi = tl.load(cos_ptr + trow[:, None] + (d_lo + HALF_D)[None, :], mask=mr, other=1.0).to(tl.float32)
-                s_hi = tl.load(sin_ptr + trow[:, None] + (d_lo + HALF_D)[None, :], mask=mr, other=0.0).to(tl.float32)
-                o_hi = y_hi * c_hi + y_lo * s_hi
-                _store_heads(out_ptr, k_out_ptr, v_out_ptr, rows64, row_ok, head, d_lo + HALF_D, o_hi.to(out_dtype), h_ok,
-                             num_heads, num_kv_heads, HEAD_DIM)
+                # 32-bit offsets into the cos / sin tables (token indices and table sizes fit in int32;
+                # the 64-bit modulo and offsets cost registers)
+                trow = (rows64.to(tl.int32) % cos_rows) * HEAD_DIM
+                if BLOCK_N == HEAD_DIM:
+                    # one head per tile: one destination (q, k or v) for the whole tile, one store per half
+                    parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+                    y_lo = parts[0]
+                    y_hi = parts[1]
+                    head = n0 // HEAD_DIM
+                    d_lo = tl.arange(0, HALF)
+                    in_k = head >= num_heads
+                    in_v = head >= num_heads + num_kv_heads
+                    dst = tl.where(in_v, v_out_ptr, tl.where(in_k, k_out_ptr, out_ptr))
+                    dst_head = tl.where(in_v, head - num_heads - num_kv_heads, tl.where(in_k, head - num_heads, head))
+                    dst_stride = tl.where(in_k, num_kv_heads, num_heads) * HEAD_DIM
+                    m2 = row_ok[:, None]  # every column of the tile is in the head
+                    mr = m2 & (head < num_heads + num_kv_heads)
+                    c_lo = tl.load(cos_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=1.0).to(tl.float32)
+                    s_lo = tl.load(sin_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=0.0).to(tl.float32)
+                    base = dst + rows64[:, None] * dst_stride + dst_head * HEAD_DIM + d_lo[None, :]
+                    tl.store(base, (y_lo * c_lo - y_hi * s_lo).to(out_dtype), mask=m2)
+                    c_hi = tl.load(cos_ptr + trow[:, None] + (d_lo + HALF_D)[None, :], mask=mr, other=1.0).to(tl.float32)
+                    s_hi = tl.load(sin_ptr + trow[:, None] + (d_lo + HALF_D)[None, :], mask=mr, other=0.0).to(tl.float32)
+                    tl.store(base + HALF_D, (y_hi * c_hi + y_lo * s_hi).to(out_dtype), mask=m2)
+                else:
+                    parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, BLOCK_N // HEAD_DIM, 2, HALF_D)),
+                                                (0, 1, 3, 2)))
+                    y_lo = tl.reshape(parts[0], (BLOCK_M, HALF))
+                    y_hi = tl.reshape(parts[1], (BLOCK_M, HALF))
+                    i = tl.arange(0, HALF)
+                    head = n0 // HEAD_DIM + i // HALF_D
+                    d_lo = i % HALF_D
+                    h_ok = head < num_heads + 2 * num_kv_heads
+                    rotate = (head < num_heads + num_kv_heads)[None, :]
+                    mr = row_ok[:, None] & h_ok[None, :] & rotate
+                    # v heads: cos = 1, sin = 0 through the masked loads' defaults. One half at a time
+                    # (fewer cos/sin tiles live at once)
+                    c_lo = tl.load(cos_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=1.0).to(tl.float32)
+                    s_lo = tl.load(sin_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=0.0).to(tl.float32)
+                    o_lo = y_lo * c_lo - y_hi * s_lo
+                    _store_heads(out_ptr, k_out_ptr, v_out_ptr, rows64, row_ok, head, d_lo, o_lo.to(out_dtype), h_ok,
+                                 num_heads, num_kv_heads, HEAD_DIM)
+                    c_hi = tl.load(cos_ptr + trow[:, None] + (d_lo + HALF_D)[None, :], mask=mr, other=1.0).to(tl.float32)
+                    s_hi = tl.load(sin_ptr + trow[:, None] + (d_lo + HALF_D)[None, :], mask=mr, other=0.0).to(tl.float32)
+                    o_hi = y_hi * c_hi + y_lo * s_hi
+                    _store_heads(out_ptr, k_out_ptr, v_out_ptr, rows64, row_ok, head, d_lo + HALF_D, o_hi.to(out_dtype),
+                                 h_ok, num_heads, num_kv_heads, HEAD_DIM)
             else:
                 _store_heads(out_ptr, k_out_ptr, v_out_ptr, rows64, row_ok, cols // HEAD_DIM, cols % HEAD_DIM,
                              acc.to(out_dtype), col_ok, num_heads, num_kv_heads, HEAD_DIM)
