@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -214,18 +215,19 @@ def test_stacked_qkv_bf16_rope(launches, poison):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tier runs the configs at their real tile size")
-def test_gpu_tma_tile_shapes_in_interpreter(monkeypatch, poison):
+def test_gpu_tma_tile_shapes_in_interpreter(monkeypatch, launches, poison):
     # each GPU config's BLOCK_N / BLOCK_K (128 / 256 x 64) with the interpreter's BLOCK_M: the
     # descriptor's zero-filled N and K tails, the per-column q/k/v stores and whole-head RoPE tiles
     M, spans = named_layouts(TM)["mixed"]
     is_image = mask_from_runs(M, spans)
-    monkeypatch.setattr(mlt, "_tma_qkv_ok", lambda qkv: qkv is None or qkv[2] is None or 128 % qkv[6] == 0)
+    monkeypatch.setattr(kern, "TMA_ROPE_BLOCK_N", math.gcd(*[t[0] for t in kern.TMA_TILES if t[5] == "rope"]))
+    tma = kern.routed_mm_tma_kernel.kernel  # under the launch spy
     for cfg in kern.tma_gemm_configs(interpret=False):
         if cfg.num_stages != 3:
             continue  # stages do not change what the interpreter computes
         plain = triton_config(cfg)
-        monkeypatch.setattr(kern.routed_mm_tma_kernel, "configs", [plain])
-        monkeypatch.setattr(kern.routed_mm_tma_kernel, "cache", {})
+        monkeypatch.setattr(tma, "configs", [plain])
+        monkeypatch.setattr(tma, "cache", {})
         if cfg.kwargs["EPILOGUE"] == "plain":
             x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 72, 136, torch.float32)  # K tail 8, N tail 8 (or 120)
             check_linear(is_image, x, w_t, b_t, w_i, b_i, torch.float32)
@@ -234,6 +236,7 @@ def test_gpu_tma_tile_shapes_in_interpreter(monkeypatch, poison):
             x, w_t, b_t, w_i, b_i = stacked_inputs((M,), 40, (H + 2 * Hkv) * D, torch.float32)
             cos, sin = rope_tables(M, D) if cfg.kwargs["EPILOGUE"] == "rope" else (None, None)
             check_qkv(is_image, x, w_t, b_t, w_i, b_i, H, Hkv, cos, sin, torch.float32)
+    assert launches and set(launches) == {"tma"}, launches
 
 
 def triton_config(cfg):

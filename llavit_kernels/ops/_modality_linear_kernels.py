@@ -29,6 +29,7 @@ the grid (``slots_for``) depends on shapes only.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -416,14 +417,15 @@ def prune_tma_configs(configs, named_args, **kwargs):
     bm = kwargs.get("BLOCK_M", TILE_M)
     el = named_args["a_ptr"].element_size()
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 1))
-    # the RoPE epilogue needs whole heads per tile (the launcher checked TMA_MIN_BLOCK_N)
+    # the RoPE epilogue needs whole heads per tile (the launcher checked TMA_ROPE_BLOCK_N)
     configs = [c for c in configs if not rope or c.kwargs["BLOCK_N"] % head_dim == 0] or configs
     return _fits(configs, el, lambda c: (bm + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"],
                  lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.num_stages)
 
 
 TMA_CONFIGS = tma_gemm_configs()
-TMA_MIN_BLOCK_N = 128  # every GPU config's BLOCK_N is a multiple of this (RoPE: head_dim must divide it)
+# every BLOCK_N a RoPE launch may run is a multiple of this: the head dim must divide it
+TMA_ROPE_BLOCK_N = math.gcd(*[c.kwargs["BLOCK_N"] for c in TMA_CONFIGS if c.kwargs["EPILOGUE"] in ("rope", "any")])
 
 
 @triton.autotune(configs=TMA_CONFIGS, key=["N", "K", "QKV", "ROPE", "HAS_BIAS", "TRANS_B"],

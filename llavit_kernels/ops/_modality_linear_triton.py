@@ -111,8 +111,7 @@ def _tma_qkv_ok(qkv) -> bool:
     if qkv is None or qkv[2] is None:
         return True
     head_dim = qkv[6]
-    block_n = 16 if K_.INTERPRET else K_.TMA_MIN_BLOCK_N
-    return head_dim >= 2 and head_dim & (head_dim - 1) == 0 and block_n % head_dim == 0
+    return head_dim >= 2 and head_dim & (head_dim - 1) == 0 and K_.TMA_ROPE_BLOCK_N % head_dim == 0
 
 
 def uses_stacked_kernel(a: torch.Tensor, w_t: torch.Tensor, w_i: torch.Tensor, qkv=None) -> bool:
