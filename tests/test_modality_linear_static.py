@@ -49,7 +49,7 @@ TMA_INTS = ["M", "N", "K", "stride_am", "stride_om", "n_slots", "num_heads", "nu
             "has_bias_text", "has_bias_image"]
 
 
-def _tma_job(cfg, dtype, mode, cos="*fp32"):
+def _tma_job(cfg, dtype, mode, cos="*fp32", head_dim=128):
     """The stacked-weight kernel as a launch specialises it: the weight is one host TMA descriptor
     over [2, N, K] (``tensordesc<bf16[1, BLOCK_N, BLOCK_K]>``, the dX read ``[1, BLOCK_K, BLOCK_N]``).
     N and K are runtime ints (16-divisible at every model shape, e.g. 3584 -> 4608 and 2048 -> 2560),
@@ -60,22 +60,25 @@ def _tma_job(cfg, dtype, mode, cos="*fp32"):
     sig.update(table_ptr="*i32", cos_ptr=cos, sin_ptr=cos)
     sig.update({i: "i32" for i in TMA_INTS})
     sig["w_desc"] = f"tensordesc<{dt}[1, {bk}, {bn}]>" if mode == "dx" else f"tensordesc<{dt}[1, {bn}, {bk}]>"
-    consts = dict(HEAD_DIM=128, QKV=mode.startswith("qkv"), ROPE=mode == "qkv_rope", HAS_BIAS=mode != "dx",
+    consts = dict(HEAD_DIM=head_dim, QKV=mode.startswith("qkv"), ROPE=mode == "qkv_rope", HAS_BIAS=mode != "dx",
                   TRANS_B=mode == "dx", UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=kern.TILE_M_GPU, EVEN_K=True,
                   **cfg.kwargs)
     return dict(kernel=kern.routed_mm_tma_kernel, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
                 divisible_by_16=TMA_PTRS + ["N", "K", "stride_am", "stride_om"],
-                _id=f"tma-{mode}-{dtype}-{cfg}")
+                _id=f"tma-{mode}-{dtype}-d{head_dim}-{cfg}")
 
 
 def _tma_jobs():
     jobs = []
     for cfg in kern.tma_gemm_configs(interpret=False):
-        modes = ("qkv_rope",) if cfg.kwargs["EPILOGUE"] == "rope" else ("fwd", "dx", "qkv")
+        rope = cfg.kwargs["EPILOGUE"] == "rope"
+        modes = ("qkv_rope",) if rope else ("fwd", "dx", "qkv")
         for dtype in DTYPES:
             for mode in modes:
                 jobs.append(_tma_job(cfg, dtype, mode))
+        # other head dims (bf16): 64 (two heads per RoPE tile, Qwen2.5-0.5B), 80 (no RoPE: any head dim)
+        jobs.append(_tma_job(cfg, "bf16", "qkv_rope" if rope else "qkv", head_dim=64 if rope else 80))
     return jobs
 
 
@@ -345,7 +348,7 @@ def test_tma_two_ctas_per_sm(compiled):
     assert (bn, epi) == (128, "plain") and cap == 128
     rows = _tma_results(compiled, BLOCK_N=bn, EPILOGUE=epi)
     rows = [r for r in rows if r[1]["num_stages"] == stages]
-    assert len(rows) == 6  # fwd, dx, qkv x bf16, fp16
+    assert len(rows) == 7  # fwd, dx, qkv x bf16, fp16; qkv at head dim 80
     bad = [f"{name}: regs {res['registers']}, shared {res['shared_total']} -> {_ctas_per_sm(res)} CTA/SM"
            for name, job, res in rows if _ctas_per_sm(res) < 2]
     assert not bad, "\n".join(bad)

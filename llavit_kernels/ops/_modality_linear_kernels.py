@@ -379,14 +379,15 @@ def _set_tma_block(nargs):
 
 # (BLOCK_N, BLOCK_K, warps, stages, register cap or None, epilogue): "plain" configs serve the
 # linear output, dX and QKV without RoPE; "rope" configs serve QKV with RoPE. Figures from the
-# static tier (bf16, sm_90; tests/test_modality_linear_static.py checks each claim):
+# static tier (bf16, sm_90; tests/test_modality_linear_static.py asserts the two-CTA, no-spill,
+# no-C7515 and HGMMA claims and prints the figures):
 #   128 x 128 x 64, 8 warps, 3 stages, capped at 128 registers: no spills, 97 KB shared, so TWO
 #     CTAs share an SM (2 x 256 threads x 128 registers = the 64K register file), and one CTA's
 #     prologue / epilogue runs beside the other's main loop. Uncapped, ptxas takes 165-192 (one CTA).
 #   128 x 256 x 64, 8 warps, 3 stages: the cuBLAS-like tile (HGMMA 64x256x16), 145 KB, one CTA.
 #   128 x 128 x 64, 4 stages: one CTA with a deeper pipeline.
 #   RoPE: the rotation needs cos / sin tiles beside the accumulator: uncapped 190-193 registers at
-#     128 wide (one head per tile), one CTA; capped at 128 it spills (56 B with fp32 tables, 8 B with
+#     128 wide with one head per tile (255 with two heads of 64), one CTA; capped at 128 it spills (56 B with fp32 tables, 8 B with
 #     bf16 ones), and 256 wide spills in any case.
 TMA_TILES = (
     (128, 64, 8, 3, 128, "plain"),
