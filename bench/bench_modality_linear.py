@@ -4,7 +4,11 @@
     python bench/bench_modality_linear.py --cpu [--out DIR]     # the CPU paths (no GPU needed)
 
 Providers, one run, same inputs (bf16 on CUDA):
-  triton          ours: modality-sorted token order + routed GEMM (llavit_kernels, backend="triton")
+  triton          ours: modality-sorted token order + routed GEMM (llavit_kernels, backend="triton"),
+                  weights stacked in one [2, N, K] tensor as ModalityLinear holds them: the forward
+                  and dX read both through ONE 3-D TMA descriptor (routed_mm_tma_kernel)
+  triton_pointer  the same op with the two weights in separate allocations: the pointer kernel
+                  (routed_mm_kernel, cp.async weight tiles picked per tile), the previous design
   dense_gemm      one F.linear of the same size: the floor (no routing at all)
   where_2gemm     both GEMMs + torch.where (twice the FLOPs; the reference)
   index_scatter   boolean index + two partial GEMMs + scatter (CogVLM style; host sync)
@@ -118,6 +122,13 @@ def linear_providers(x, is_image, w_t, b_t, w_i, b_i):
     def triton_ours():
         return modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
 
+    # the same weights in two separate allocations: not stacked, so the pointer kernel runs
+    w_t_sep = w_t.detach().clone().requires_grad_(w_t.requires_grad)
+    w_i_sep = w_i.detach().clone().requires_grad_(w_i.requires_grad)
+
+    def triton_pointer():
+        return modality_linear(x, is_image, w_t_sep, b_t, w_i_sep, b_i, backend="triton")
+
     def dense_gemm():
         return F.linear(x, w_t, b_t)
 
@@ -148,9 +159,9 @@ def linear_providers(x, is_image, w_t, b_t, w_i, b_i):
         y = y + torch.where(img[:, None], b_i, b_t)
         return y.view(*x.shape[:-1], -1)
 
-    providers = {"triton": triton_ours, "dense_gemm": dense_gemm, "where_2gemm": where_2gemm,
-                 "index_scatter": index_scatter, "grouped_mm": grouped_mm}
-    return providers, [x, w_t, b_t, w_i, b_i, w_stack]
+    providers = {"triton": triton_ours, "triton_pointer": triton_pointer, "dense_gemm": dense_gemm,
+                 "where_2gemm": where_2gemm, "index_scatter": index_scatter, "grouped_mm": grouped_mm}
+    return providers, [x, w_t, b_t, w_i, b_i, w_stack, w_t_sep, w_i_sep]
 
 
 def _fwd_bwd(fn, params):
@@ -190,8 +201,9 @@ def measure(fn, device, smoke, **record):
 def make_linear_inputs(B, T, K, N, device, dtype, requires_grad):
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(B, T, K, device=device, dtype=dtype, generator=g)
-    w_t = torch.randn(N, K, device=device, dtype=dtype, generator=g) * K ** -0.5
-    w_i = torch.randn(N, K, device=device, dtype=dtype, generator=g) * K ** -0.5
+    # the two weights as halves of one [2, N, K] tensor, as ModalityLinear allocates them
+    weights = torch.randn(2, N, K, device=device, dtype=dtype, generator=g) * K ** -0.5
+    w_t, w_i = weights[0].detach(), weights[1].detach()
     b_t = torch.randn(N, device=device, dtype=dtype, generator=g)
     b_i = torch.randn(N, device=device, dtype=dtype, generator=g)
     return [t.requires_grad_(requires_grad) for t in (x, w_t, b_t, w_i, b_i)]
@@ -224,7 +236,8 @@ def _autotune_snapshot():
     """The configs the autotuner picked so far (key -> config), recorded with our timings."""
     from llavit_kernels.ops import _modality_linear_kernels as kern
 
-    kernels = (("routed_mm", kern.routed_mm_kernel), ("routed_dw", kern.routed_dw_kernel))
+    kernels = (("routed_mm", kern.routed_mm_kernel), ("routed_mm_tma", kern.routed_mm_tma_kernel),
+               ("routed_dw", kern.routed_dw_kernel))
     return {name: {str(k): str(v) for k, v in kernel.cache.items()} for name, kernel in kernels}
 
 
@@ -240,8 +253,10 @@ def bench_backward_parts(case, is_image, device, dtype, smoke):
     table = mlt.ml_token_order(is_image.reshape(-1))
     shape = {"case": case["name"], "share": round(float(is_image.float().mean()), 3), "M": M, "K": K, "N": N}
     flops = 2.0 * M * K * N
+    w_t_sep, w_i_sep = w_t.clone(), w_i.clone()  # separate allocations: the pointer kernel
     jobs = (
         ("bwd_dx", "triton", lambda: mlt.ml_linear_dx(dy, table, w_t, w_i)),
+        ("bwd_dx", "triton_pointer", lambda: mlt.ml_linear_dx(dy, table, w_t_sep, w_i_sep)),
         ("bwd_dx", "dense_gemm", lambda: dy @ w_t),
         ("bwd_dw", "triton", lambda: mlt.ml_linear_dw(dy, x2, table)),  # both dW_m and both db_m
         ("bwd_dw", "dense_gemm", lambda: (dy.t() @ x2, dy.sum(0))),
@@ -282,6 +297,12 @@ def bench_qkv_case(case, device, dtype, smoke):
         def fused_no_rope():
             return modality_qkv(x, is_image, w_t, b_t, w_i, b_i, H, Hkv, backend="triton")
 
+        w_t_sep = w_t.detach().clone().requires_grad_(train)
+        w_i_sep = w_i.detach().clone().requires_grad_(train)
+
+        def fused_rope_pointer():  # separate weight allocations: the pointer kernel
+            return modality_qkv(x, is_image, w_t_sep, b_t, w_i_sep, b_i, H, Hkv, cos_b, sin_b, backend="triton")
+
         def unfused_rope():  # our projection, then the usual HF sequence: split, view, rotary, copies
             y = modality_linear(x, is_image, w_t, b_t, w_i, b_i, backend="triton")
             q, k, v = y.split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -296,9 +317,10 @@ def bench_qkv_case(case, device, dtype, smoke):
             k = apply_rotary(k.reshape(B, T, Hkv, D), cos_b, sin_b)
             return q.contiguous(), k.contiguous(), v.reshape(B, T, Hkv, D).contiguous()
 
-        for name, fn in (("qkv_fused_rope", fused_rope), ("qkv_fused_no_rope", fused_no_rope),
-                         ("qkv_unfused_rope", unfused_rope), ("dense_gemm_rope", dense_rope)):
-            run = _fwd_bwd(fn, [x, w_t, b_t, w_i, b_i]) if train else torch.no_grad()(fn)
+        for name, fn in (("qkv_fused_rope", fused_rope), ("qkv_fused_rope_pointer", fused_rope_pointer),
+                         ("qkv_fused_no_rope", fused_no_rope), ("qkv_unfused_rope", unfused_rope),
+                         ("dense_gemm_rope", dense_rope)):
+            run = _fwd_bwd(fn, [x, w_t, b_t, w_i, b_i, w_t_sep, w_i_sep]) if train else torch.no_grad()(fn)
             records.append(measure(run, device, smoke, op="modality_qkv", provider=name, shape=shape,
                                    dtype=dtype, mode=mode, flops=flops))
         del x, w_t, b_t, w_i, b_i
@@ -390,7 +412,8 @@ def main(argv=None):
     for case in sweep_cases(smoke):
         is_image = share_mask(case["B"], case["T"], case["share"], device)
         records += bench_linear_case(case, is_image, device, dtype, smoke,
-                                     providers=("triton", "dense_gemm", "grouped_mm"), op=OP + "_sweep")
+                                     providers=("triton", "triton_pointer", "dense_gemm", "grouped_mm"),
+                                     op=OP + "_sweep")
         save_results(records, name, args.out)
     print_table([r for r in records if r["op"] == OP], baseline="dense_gemm")
     print_table([r for r in records if r["op"] == OP + "_sweep"], baseline="dense_gemm")

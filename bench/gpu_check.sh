@@ -4,7 +4,7 @@
 # Works on a bare GPU machine (torch 2.11, triton 3.6, numpy 2.5, transformers 5.17, no network):
 # nothing is installed; the package is used from this checkout through PYTHONPATH. Expected: about 5 min (the stage limits below are worst cases).
 # Writes to $OUT: gpu_check.log, env.json, the benchmark JSON files, and results.tgz (JSON + PNG).
-# Stage limits add up to 680 s in the worst case (cold Triton cache, every autotune config tried),
+# Stage limits add up to 740 s in the worst case (cold Triton cache, every autotune config tried),
 # more than one device call (600 s): run it as two calls, e.g. STAGES="tests attention" then
 # STAGES="composed modality layer" (a subset of "tests attention composed modality layer").
 set -uo pipefail
@@ -53,7 +53,8 @@ if want tests; then
     # (the race the static tier now guards against).
     run 180 "CUDA correctness tests" python -m pytest -q -p no:cacheprovider \
       --junitxml="$OUT/work/junit.xml" \
-      tests/test_span_attention_triton.py tests/test_modality_linear_triton.py tests/test_reference_ops.py \
+      tests/test_span_attention_triton.py tests/test_modality_linear_triton.py tests/test_modality_linear_stacked.py \
+      tests/test_reference_ops.py \
       tests/test_nn.py tests/test_integration_transformers.py tests/test_span_attention_composed.py \
       tests/test_integration_peft.py
   else
@@ -68,7 +69,8 @@ want composed && run 120 bench_attention_composed python bench/bench_attention.p
   --providers ours,sdpa_causal_cudnn,composed,composed_cudnn,composed_torch_flash,composed_flash_attn \
   --out "$OUT/work/composed"
 for f in "$OUT"/work/composed/*; do [ -e "$f" ] && mv "$f" "$OUT/work/composed-$(basename "$f")"; done
-want modality && run 130 bench_modality_linear python bench/bench_modality_linear.py --out "$OUT/work"
+# ours ("triton": stacked weights, one TMA descriptor) beside the previous pointer kernel ("triton_pointer")
+want modality && run 190 bench_modality_linear python bench/bench_modality_linear.py --out "$OUT/work"
 want layer && run 100 bench_layer python bench/bench_layer.py --out "$OUT/work"
 cp "$OUT"/work/*.json "$OUT"/ 2>/dev/null || true
 tar czf "$OUT/results.tgz" -C "$OUT/work" . 2>/dev/null || true

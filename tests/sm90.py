@@ -56,6 +56,8 @@ constexpr argument names to values (ints, bools, floats, strings). The result di
     smem_buffer_issues  list of str: pipelined async-wgmma operands with fewer shared-memory buffers
                     than num_stages (a buffer read by a pending wgmma while cp.async refills it: the
                     race of Triton issue 6691)
+    ttgir_op_counts {"scf.if": n, "scf.for": n, "async_tma_copy_global_to_local": n,
+                    "async_copy_global_to_local": n (cp.async), "warp_group_dot_wait": n} in the TTGIR
     refill_races    list of str, ``refill_races(wgmma_operands)``: operands an async copy refills
                     with no more buffers than the wgmmas left pending by the following wait, so the
                     next copy overwrites what a pending wgmma still reads (the precise form of the
@@ -74,7 +76,8 @@ specialisation Triton's launcher applies at run time to aligned pointers and str
 ``compile_sm90_many(jobs)`` compiles a list of ``dict(kernel=..., signature=..., constexprs=...,
 num_warps=..., num_stages=..., divisible_by_16=...)`` in one subprocess (one import of torch/triton instead of many).
 A job may add ``arch=80`` (or 86, 89) to compile for that GPU instead of sm_90 (shared-memory
-checks of pre-Hopper configs; no HGMMA there).
+checks of pre-Hopper configs; no HGMMA there), and ``maxnreg=N`` (a register cap per thread, as
+``triton.Config(maxnreg=N)`` passes to ptxas).
 """
 
 from __future__ import annotations
@@ -347,8 +350,21 @@ def refill_races(operands: List[Dict[str, Any]]) -> List[str]:
     ]
 
 
+_TTGIR_COUNTED_OPS = ("scf.if", "scf.for", "async_tma_copy_global_to_local", "async_copy_global_to_local",
+                      "warp_group_dot_wait")
+
+
+def ttgir_op_counts(ttgir: str) -> Dict[str, int]:
+    """How often a few ops occur in the TTGIR: branches (``scf.if``), loops (``scf.for``), TMA and
+    cp.async copies, wgmma waits (the TMA kernel's "one loop, no branch" claim is checked on it)."""
+    counts = {op: len(re.findall(r"\b(?:ttng\.|ttg\.)?" + re.escape(op) + r"\b", ttgir)) for op in _TTGIR_COUNTED_OPS}
+    # "async_copy_global_to_local" is also a suffix of the TMA op: count the cp.async ones alone
+    counts["async_copy_global_to_local"] = len(re.findall(r"\bttg\.async_copy_global_to_local\b", ttgir))
+    return counts
+
+
 def _compile_inprocess(
-    kernel, signature, constexprs, num_warps, num_stages, divisible_by_16=(), arch=90
+    kernel, signature, constexprs, num_warps, num_stages, divisible_by_16=(), arch=90, maxnreg=None
 ) -> Dict[str, Any]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -371,7 +387,8 @@ def _compile_inprocess(
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages, "num_ctas": 1},
+        options={"num_warps": num_warps, "num_stages": num_stages, "num_ctas": 1,
+                 **({"maxnreg": maxnreg} if maxnreg else {})},
     )
     cubin = compiled.asm["cubin"]
     info = _resource_usage(cubin)
@@ -409,6 +426,7 @@ def _compile_inprocess(
         "wgmma_operands": operands,
         "smem_buffer_issues": buffer_issues,
         "refill_races": refill_races(operands),
+        "ttgir_op_counts": ttgir_op_counts(compiled.asm["ttgir"]),
     }
 
 
@@ -427,6 +445,7 @@ def _run_subprocess(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 "num_stages": int(job["num_stages"]),
                 "divisible_by_16": list(job.get("divisible_by_16") or ()),
                 "arch": int(job.get("arch", 90)),
+                "maxnreg": job.get("maxnreg"),
             }
         )
     env = dict(os.environ)
@@ -475,7 +494,7 @@ def _subprocess_main():
             results.append(
                 _compile_inprocess(
                     kernel, job["signature"], job["constexprs"], job["num_warps"], job["num_stages"], job["divisible_by_16"],
-                    job["arch"],
+                    job["arch"], job.get("maxnreg"),
                 )
             )
         except Exception:  # report per job; the parent raises with the traceback
@@ -509,7 +528,7 @@ def compile_sm90_many(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [
         _compile_inprocess(
             j["kernel"], j["signature"], j.get("constexprs") or {}, j["num_warps"], j["num_stages"],
-            j.get("divisible_by_16") or (), int(j.get("arch", 90)),
+            j.get("divisible_by_16") or (), int(j.get("arch", 90)), j.get("maxnreg"),
         )
         for j in jobs
     ]

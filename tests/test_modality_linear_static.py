@@ -44,6 +44,44 @@ def _mm_job(cfg, dtype, mode):
                 num_stages=cfg.num_stages, divisible_by_16=div, _id=f"mm-{mode}-{dtype}-{cfg}")
 
 
+TMA_PTRS = ["a_ptr", "biast_ptr", "biasi_ptr", "table_ptr", "out_ptr", "k_out_ptr", "v_out_ptr", "cos_ptr", "sin_ptr"]
+TMA_INTS = ["M", "N", "K", "stride_am", "stride_om", "n_slots", "num_heads", "num_kv_heads", "cos_rows",
+            "has_bias_text", "has_bias_image"]
+
+
+def _tma_job(cfg, dtype, mode, cos="*fp32", head_dim=128):
+    """The stacked-weight kernel as a launch specialises it: the weight is one host TMA descriptor
+    over [2, N, K] (``tensordesc<bf16[1, BLOCK_N, BLOCK_K]>``, the dX read ``[1, BLOCK_K, BLOCK_N]``).
+    N and K are runtime ints (16-divisible at every model shape, e.g. 3584 -> 4608 and 2048 -> 2560),
+    so one compile stands for every such shape."""
+    bn, bk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    dt = DTYPES[dtype][1:]
+    sig = {p: DTYPES[dtype] for p in TMA_PTRS}
+    sig.update(table_ptr="*i32", cos_ptr=cos, sin_ptr=cos)
+    sig.update({i: "i32" for i in TMA_INTS})
+    sig["w_desc"] = f"tensordesc<{dt}[1, {bk}, {bn}]>" if mode == "dx" else f"tensordesc<{dt}[1, {bn}, {bk}]>"
+    consts = dict(HEAD_DIM=head_dim, QKV=mode.startswith("qkv"), ROPE=mode == "qkv_rope", HAS_BIAS=mode != "dx",
+                  TRANS_B=mode == "dx", UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=kern.TILE_M_GPU, EVEN_K=True,
+                  **cfg.kwargs)
+    return dict(kernel=kern.routed_mm_tma_kernel, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+                divisible_by_16=TMA_PTRS + ["N", "K", "stride_am", "stride_om"],
+                _id=f"tma-{mode}-{dtype}-d{head_dim}-{cfg}")
+
+
+def _tma_jobs():
+    jobs = []
+    for cfg in kern.tma_gemm_configs(interpret=False):
+        rope = cfg.kwargs["EPILOGUE"] == "rope"
+        modes = ("qkv_rope",) if rope else ("fwd", "dx", "qkv")
+        for dtype in DTYPES:
+            for mode in modes:
+                jobs.append(_tma_job(cfg, dtype, mode))
+        # other head dims (bf16): 64 (two heads per RoPE tile, Qwen2.5-0.5B), 80 (no RoPE: any head dim)
+        jobs.append(_tma_job(cfg, "bf16", "qkv_rope" if rope else "qkv", head_dim=64 if rope else 80))
+    return jobs
+
+
 def _dw_job(cfg, dtype, split):
     ptrs = ["dy_ptr", "x_ptr", "table_ptr", "dwt_ptr", "dwi_ptr"]
     sig = {p: DTYPES[dtype] for p in ptrs}
@@ -104,6 +142,7 @@ def _all_jobs():
         for rope in (False, True):
             jobs.append(_grad_job(dtype, rope))
     jobs += _table_jobs()
+    jobs += _tma_jobs()
     return jobs
 
 
@@ -161,7 +200,7 @@ def test_every_config_compiles_for_sm90_without_spills(compiled):
             problems.append(f"spills: LOCAL={res['local_bytes']} STACK={res['stack_bytes']}")
         if res["shared_total"] > H100_SHARED_LIMIT:
             problems.append(f"shared {res['shared_total']} B > {H100_SHARED_LIMIT}")
-        gemm = job["kernel"] in (kern.routed_mm_kernel, kern.routed_dw_kernel)
+        gemm = job["kernel"] in (kern.routed_mm_kernel, kern.routed_dw_kernel, kern.routed_mm_tma_kernel)
         if gemm and not res["hgmma"]:
             problems.append("no HGMMA in SASS")
         if problems:
@@ -211,7 +250,7 @@ def test_pipelined_buffers_match_num_stages(compiled):
     # (kern.stage_buffers), and the dW kernel prefetches at least 2 tiles ahead (3 buffers)
     bad = []
     for name, job, res in compiled:
-        if job["kernel"] not in (kern.routed_mm_kernel, kern.routed_dw_kernel):
+        if job["kernel"] not in (kern.routed_mm_kernel, kern.routed_dw_kernel, kern.routed_mm_tma_kernel):
             continue
         ops = [op for op in res["wgmma_operands"] if op["copy_target"]]
         if not ops:
@@ -281,3 +320,87 @@ def test_ptxas_c7515_info_line_counts_as_serialisation():
     assert len(lines) == 1 and lines[0].startswith("ptxas info    : (C7515)"), lines
     assert any(sm90._WGMMA_SERIAL_RE.search(w) for w in lines)
     assert not sm90.ptxas_warning_lines("ptxas info    : Used 168 registers, used 1 barriers")
+
+
+# ----------------------------------------------------------------------------- stacked-weight (TMA) kernel
+SM90_REGISTERS_PER_SM = 64 * 1024
+SM90_SHARED_PER_SM = 228 * 1024  # of which 1 KB per resident CTA is reserved by the hardware
+
+
+def _ctas_per_sm(res):
+    threads = res["num_warps"] * 32
+    by_regs = SM90_REGISTERS_PER_SM // (threads * res["registers"])
+    by_smem = SM90_SHARED_PER_SM // (res["shared_total"] + 1024)
+    return min(by_regs, by_smem)
+
+
+def _tma_results(compiled, **where):
+    out = [(name, job, res) for name, job, res in compiled if job["kernel"] is kern.routed_mm_tma_kernel
+           and all(job["constexprs"].get(k) == v for k, v in where.items())]
+    assert out, f"no stacked-kernel compile matches {where}"
+    return out
+
+
+def test_tma_two_ctas_per_sm(compiled):
+    # issue 11, point 4: the 128 x 128 config holds two CTAs per SM (registers and shared memory)
+    # for the linear output, dX and QKV without RoPE
+    bn, bk, warps, stages, cap, epi = kern.TMA_TILES[kern.TMA_TWO_CTA_CONFIG]
+    assert (bn, epi) == (128, "plain") and cap == 128
+    rows = _tma_results(compiled, BLOCK_N=bn, EPILOGUE=epi)
+    rows = [r for r in rows if r[1]["num_stages"] == stages]
+    assert len(rows) == 7  # fwd, dx, qkv x bf16, fp16; qkv at head dim 80
+    bad = [f"{name}: regs {res['registers']}, shared {res['shared_total']} -> {_ctas_per_sm(res)} CTA/SM"
+           for name, job, res in rows if _ctas_per_sm(res) < 2]
+    assert not bad, "\n".join(bad)
+
+
+def test_tma_wide_tile_compiles_without_spills(compiled):
+    # 128 x 256 tiles: no local memory, 64x256x16 HGMMAs (the RoPE epilogue does not fit it: not listed)
+    rows = _tma_results(compiled, BLOCK_N=256)
+    assert {job["constexprs"]["EPILOGUE"] for _, job, _ in rows} == {"plain"}
+    for name, job, res in rows:
+        assert res["local_bytes"] == 0 and res["local_insts"] == 0, (name, res["local_bytes"])
+        assert any(s.startswith("64x256x16") for s in res["hgmma_shapes"]), (name, res["hgmma_shapes"])
+
+
+def test_tma_weight_operand_is_a_pipelined_tma_buffer(compiled):
+    # B of every async wgmma is read from a multi-buffered shared alloc that the TMA copy fills
+    # (num_stages buffers, one pending wgmma): the one descriptor really feeds the MMA, no register hop
+    for name, job, res in _tma_results(compiled):
+        ops = {op["operand"]: op for op in res["wgmma_operands"]}
+        assert set(ops) == {"a", "b"}, (name, res["wgmma_operands"])
+        assert ops["b"]["copy_target"] and ops["b"]["buffers"] == job["num_stages"], (name, ops["b"])
+
+
+def test_report_tma_kernel(compiled, capsys):
+    lines = [f"{name}: regs {res['registers']} (cap {job['maxnreg']}), shared {res['shared_total'] // 1024} KB, "
+             f"{_ctas_per_sm(res)} CTA/SM, local {res['local_bytes']} B, HGMMA {','.join(res['hgmma_shapes'])}"
+             for name, job, res in _tma_results(compiled)]
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+    assert lines
+
+
+def test_tma_compiles_stand_for_the_model_shapes():
+    # N and K are runtime integers: the compile above (16-divisible N, K; EVEN_K) is the one a launch at
+    # the 7B fused-QKV shape (3584 -> 4608) and the 3B shape (2048 -> 2560) gets, forward and dX
+    # (where the reduction runs over N)
+    for K, N in ((3584, 4608), (2048, 2560)):
+        for cfg in kern.tma_gemm_configs(interpret=False):
+            assert K % 16 == 0 and N % 16 == 0
+            assert K % cfg.kwargs["BLOCK_K"] == 0 and N % cfg.kwargs["BLOCK_K"] == 0  # EVEN_K, forward and dX
+            if cfg.kwargs["EPILOGUE"] == "rope":
+                assert cfg.kwargs["BLOCK_N"] % 128 == 0  # whole heads of head dim 128
+
+
+def test_tma_kernel_is_one_loop_without_branches(compiled):
+    # the claim of issue 11, point 4, on the sm_90 TTGIR: no scf.if anywhere (the modality is a
+    # descriptor coordinate, not a branch), two loops (the tile loop, the K loop), the weight tile by
+    # TMA and the gathered rows by cp.async
+    bad = []
+    for name, job, res in _tma_results(compiled):
+        ops = res["ttgir_op_counts"]
+        if ops["scf.if"] or ops["scf.for"] != 2 or not ops["async_tma_copy_global_to_local"] \
+                or not ops["async_copy_global_to_local"]:
+            bad.append(f"{name}: {ops}")
+    assert not bad, "\n".join(bad)

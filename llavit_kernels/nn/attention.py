@@ -372,8 +372,31 @@ class LlavitAttention(nn.Module):
                 bias = None if bias is None else bias.to(dtype)
             return weight, bias
 
-        text = fuse(text_linears)
-        image = fuse(image_linears) if image_linears is not text_linears else text
+        def fuse_pair(text_linears, image_linears):
+            # text q|k|v rows then image q|k|v rows in ONE concatenation (the same bytes as two): the
+            # halves are one [2, N, K] tensor, which the Triton backend reads through one TMA descriptor
+            weight = torch.cat([lin.weight for lin in text_linears + image_linears], dim=0)
+            bias = None
+            if text_linears[0].bias is not None:
+                bias = torch.cat([lin.bias for lin in text_linears + image_linears], dim=0)
+            if dtype is not None and weight.dtype != dtype:
+                weight = weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            n = weight.shape[0] // 2
+            return (weight[:n], None if bias is None else bias[:n]), (weight[n:], None if bias is None else bias[n:])
+
+        pairable = (
+            image_linears is not text_linears and len(text_linears) > 1 and len(image_linears) == len(text_linears)
+            and all(t.weight.shape == i.weight.shape and t.weight.dtype == i.weight.dtype
+                    and t.weight.device == i.weight.device and (t.bias is None) == (i.bias is None)
+                    for t, i in zip(text_linears, image_linears))
+            and all((lin.bias is None) == (text_linears[0].bias is None) for lin in text_linears)
+        )
+        if pairable:
+            text, image = fuse_pair(text_linears, image_linears)
+        else:
+            text = fuse(text_linears)
+            image = fuse(image_linears) if image_linears is not text_linears else text
         if cacheable:
             self.__dict__["_fused_cache"] = (key, (text, image))
         return text, image

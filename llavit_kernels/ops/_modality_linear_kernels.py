@@ -29,6 +29,7 @@ the grid (``slots_for``) depends on shapes only.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -359,6 +360,218 @@ def routed_mm_kernel(
         else:
             ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :]
             tl.store(ptrs, acc.to(out_dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- stacked-weight (TMA) GEMM kernel
+# When the two weights are the two halves of ONE [2, N, K] tensor (ModalityLinear allocates them so),
+# B comes through one 3-D TMA descriptor over that tensor: block [1, BLOCK_N, BLOCK_K] at
+# [modality, n0, k0] (forward) or [1, BLOCK_K, BLOCK_N] at [modality, k0, n0] (dX, W read transposed).
+# The modality is an integer from the tile index: no pointer select, no branch, one K loop, so the
+# wgmma stays asynchronous (the removed two-descriptor variant had two branch loops and ptxas
+# serialised its wgmma, C7515). The descriptor's bounds zero-fill the N and K tails per dimension,
+# so a tail never reads the other modality's rows. A rows are still gathered through the token
+# order by cp.async (a TMA gather is Blackwell-only).
+def _set_tma_block(nargs):
+    """Autotune pre-hook: the host descriptor's block shape follows the config."""
+    bn, bk = nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["w_desc"].block_shape = [1, bk, bn] if nargs["TRANS_B"] else [1, bn, bk]
+
+
+# (BLOCK_N, BLOCK_K, warps, stages, register cap or None, epilogue): "plain" configs serve the
+# linear output, dX and QKV without RoPE; "rope" configs serve QKV with RoPE. Figures from the
+# static tier (bf16, sm_90; tests/test_modality_linear_static.py asserts the two-CTA, no-spill,
+# no-C7515 and HGMMA claims and prints the figures):
+#   128 x 128 x 64, 8 warps, 3 stages, capped at 128 registers: no spills, 97 KB shared, so TWO
+#     CTAs share an SM (2 x 256 threads x 128 registers = the 64K register file), and one CTA's
+#     prologue / epilogue runs beside the other's main loop. Uncapped, ptxas takes 165-192 (one CTA).
+#   128 x 256 x 64, 8 warps, 3 stages: the cuBLAS-like tile (HGMMA 64x256x16), 145 KB, one CTA.
+#   128 x 128 x 64, 4 stages: one CTA with a deeper pipeline.
+#   RoPE: the rotation needs cos / sin tiles beside the accumulator: uncapped 190-193 registers at
+#     128 wide with one head per tile (255 with two heads of 64), one CTA; capped at 128 it spills (56 B with fp32 tables, 8 B with
+#     bf16 ones), and 256 wide spills in any case.
+TMA_TILES = (
+    (128, 64, 8, 3, 128, "plain"),
+    (256, 64, 8, 3, None, "plain"),
+    (128, 64, 8, 4, None, "plain"),
+    (128, 64, 8, 3, None, "rope"),
+    (128, 64, 8, 4, None, "rope"),
+)
+TMA_TWO_CTA_CONFIG = 0  # the TMA_TILES entry sized for two CTAs per SM
+
+
+def tma_gemm_configs(interpret: bool = INTERPRET):
+    if interpret:
+        # one config for every epilogue (the autotuner would time even a single pruned config)
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4, "EPILOGUE": "any"}, num_warps=4,
+                              num_stages=1, pre_hook=_set_tma_block)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPILOGUE": epi}, num_warps=warps,
+                          num_stages=stages, maxnreg=cap, pre_hook=_set_tma_block)
+            for bn, bk, warps, stages, cap, epi in TMA_TILES]
+
+
+def prune_tma_configs(configs, named_args, **kwargs):
+    if INTERPRET:
+        return configs
+    rope = bool(kwargs.get("ROPE", named_args.get("ROPE", False)))
+    want = "rope" if rope else "plain"
+    configs = [c for c in configs if c.kwargs["EPILOGUE"] == want]
+    bm = kwargs.get("BLOCK_M", TILE_M)
+    el = named_args["a_ptr"].element_size()
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 1))
+    # the RoPE epilogue needs whole heads per tile (the launcher checked TMA_ROPE_BLOCK_N)
+    configs = [c for c in configs if not rope or c.kwargs["BLOCK_N"] % head_dim == 0] or configs
+    return _fits(configs, el, lambda c: (bm + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"],
+                 lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.num_stages)
+
+
+TMA_CONFIGS = tma_gemm_configs()
+# every BLOCK_N a RoPE launch may run is a multiple of this: the head dim must divide it
+TMA_ROPE_BLOCK_N = math.gcd(*[c.kwargs["BLOCK_N"] for c in TMA_CONFIGS if c.kwargs["EPILOGUE"] in ("rope", "any")])
+
+
+@triton.autotune(configs=TMA_CONFIGS, key=["N", "K", "QKV", "ROPE", "HAS_BIAS", "TRANS_B"],
+                 prune_configs_by={"early_config_prune": prune_tma_configs})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit(do_not_specialize=_NO_SPECIALIZE_MM)
+def routed_mm_tma_kernel(
+    a_ptr, w_desc, biast_ptr, biasi_ptr, table_ptr,
+    out_ptr, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
+    M, N, K, stride_am, stride_om,
+    n_slots, num_heads, num_kv_heads, cos_rows,
+    has_bias_text, has_bias_image,
+    HEAD_DIM: tl.constexpr, QKV: tl.constexpr, ROPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    TRANS_B: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """``out = A_gathered @ W[modality]^T (+ bias)`` with W one ``[2, N_w, K_w]`` TMA descriptor.
+
+    Forward: A = x, out [M, N_w] (``QKV``: q / k / v in the attention layout, ``ROPE``: rotated;
+    RoPE needs ``BLOCK_N % HEAD_DIM == 0``, whole heads per tile). dX (``TRANS_B``): A = dY,
+    out [M, K_w] = dY @ W[modality]. Here ``N`` is the output width and ``K`` the reduction length.
+    """
+    pid = tl.program_id(0)
+    n_col_tiles = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * n_col_tiles
+    group_id = pid // width
+    first_slot = group_id * GROUP_M
+    group_size = tl.minimum(n_slots - first_slot, GROUP_M)
+    slot = first_slot + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    n_text = tl.load(table_ptr + M)
+    text_tiles = tl.cdiv(n_text, BLOCK_M)
+    n_tiles = text_tiles + tl.cdiv(M - n_text, BLOCK_M)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rk = tl.arange(0, BLOCK_K)
+
+    for j in range(slot, n_tiles, n_slots):  # at most one tile per slot (slots_for)
+        rows64, row_ok, is_img = _tile_rows(table_ptr, M, n_text, text_tiles, j, BLOCK_M)
+        modality = is_img.to(tl.int32)  # the descriptor's first coordinate: no pointer select
+        a_ptrs = a_ptr + rows64[:, None] * stride_am + rk[None, :]
+        if HAS_BIAS:
+            # the accumulator starts at the bias (uncapped sm_90 compile, 128 x 128: 165 registers this
+            # way, 174 with the bias added after the K loop, 125 without a bias)
+            bias_ptr = tl.where(is_img, biasi_ptr, biast_ptr)
+            has_bias = tl.where(is_img, has_bias_image, has_bias_text) != 0
+            bias = tl.load(bias_ptr + cols, mask=col_ok & has_bias, other=0.0)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + bias.to(tl.float32)[None, :]
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+            if TRANS_B:
+                b = tl.reshape(w_desc.load([modality, k0, n0]), (BLOCK_K, BLOCK_N))
+            else:
+                b = tl.reshape(w_desc.load([modality, n0, k0]), (BLOCK_N, BLOCK_K)).T
+            if UPCAST:  # the interpreter's bf16 dot is wrong: do it in fp32 there
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+
+        out_dtype = out_ptr.dtype.element_ty
+        if QKV:
+            if ROPE:
+                # whole heads per tile: [BLOCK_M, heads, 2, D/2] -> the first and second halves of
+                # every head, so the rotate-half partner of each column is in registers
+                HALF_D: tl.constexpr = HEAD_DIM // 2
+                HALF: tl.constexpr = BLOCK_N // 2
+                # 32-bit offsets into the cos / sin tables (token indices and table sizes fit in int32;
+                # the 64-bit modulo and offsets cost registers)
+                trow = (rows64.to(tl.int32) % cos_rows) * HEAD_DIM
+                if BLOCK_N == HEAD_DIM:
+                    # one head per tile: one destination (q, k or v) for the whole tile, one store per half
+                    parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+                    y_lo = parts[0]
+                    y_hi = parts[1]
+                    head = n0 // HEAD_DIM
+                    d_lo = tl.arange(0, HALF)
+                    in_k = head >= num_heads
+                    in_v = head >= num_heads + num_kv_heads
+                    dst = tl.where(in_v, v_out_ptr, tl.where(in_k, k_out_ptr, out_ptr))
+                    dst_head = tl.where(in_v, head - num_heads - num_kv_heads, tl.where(in_k, head - num_heads, head))
+                    dst_stride = tl.where(in_k, num_kv_heads, num_heads) * HEAD_DIM
+                    m2 = row_ok[:, None]  # every column of the tile is in the head
+                    mr = m2 & (head < num_heads + num_kv_heads)
+                    c_lo = tl.load(cos_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=1.0).to(tl.float32)
+                    s_lo = tl.load(sin_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=0.0).to(tl.float32)
+                    base = dst + rows64[:, None] * dst_stride + dst_head * HEAD_DIM + d_lo[None, :]
+                    tl.store(base, (y_lo * c_lo - y_hi * s_lo).to(out_dtype), mask=m2)
+                    c_hi = tl.load(cos_ptr + trow[:, None] + (d_lo + HALF_D)[None, :], mask=mr, other=1.0).to(tl.float32)
+                    s_hi = tl.load(sin_ptr + trow[:, None] + (d_lo + HALF_D)[None, :], mask=mr, other=0.0).to(tl.float32)
+                    tl.store(base + HALF_D, (y_hi * c_hi + y_lo * s_hi).to(out_dtype), mask=m2)
+                else:
+                    parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, BLOCK_N // HEAD_DIM, 2, HALF_D)),
+                                                (0, 1, 3, 2)))
+                    y_lo = tl.reshape(parts[0], (BLOCK_M, HALF))
+                    y_hi = tl.reshape(parts[1], (BLOCK_M, HALF))
+                    i = tl.arange(0, HALF)
+                    head = n0 // HEAD_DIM + i // HALF_D
+                    d_lo = i % HALF_D
+                    h_ok = head < num_heads + 2 * num_kv_heads
+                    rotate = (head < num_heads + num_kv_heads)[None, :]
+                    mr = row_ok[:, None] & h_ok[None, :] & rotate
+                    # v heads: cos = 1, sin = 0 through the masked loads' defaults. One half at a time
+                    # (fewer cos/sin tiles live at once)
+                    c_lo = tl.load(cos_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=1.0).to(tl.float32)
+                    s_lo = tl.load(sin_ptr + trow[:, None] + d_lo[None, :], mask=mr, other=0.0).to(tl.float32)
+                    o_lo = y_lo * c_lo - y_hi * s_lo
+                    _store_heads(out_ptr, k_out_ptr, v_out_ptr, rows64, row_ok, head, d_lo, o_lo.to(out_dtype), h_ok,
+                                 num_heads, num_kv_heads, HEAD_DIM)
+                    c_hi = tl.load(cos_ptr + trow[:, None] + (d_lo + HALF_D)[None, :], mask=mr, other=1.0).to(tl.float32)
+                    s_hi = tl.load(sin_ptr + trow[:, None] + (d_lo + HALF_D)[None, :], mask=mr, other=0.0).to(tl.float32)
+                    o_hi = y_hi * c_hi + y_lo * s_hi
+                    _store_heads(out_ptr, k_out_ptr, v_out_ptr, rows64, row_ok, head, d_lo + HALF_D, o_hi.to(out_dtype),
+                                 h_ok, num_heads, num_kv_heads, HEAD_DIM)
+            else:
+                _store_heads(out_ptr, k_out_ptr, v_out_ptr, rows64, row_ok, cols // HEAD_DIM, cols % HEAD_DIM,
+                             acc.to(out_dtype), col_ok, num_heads, num_kv_heads, HEAD_DIM)
+        else:
+            ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :]
+            tl.store(ptrs, acc.to(out_dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _store_heads(q_ptr, k_ptr, v_ptr, rows64, row_ok, head, d, val, col_ok, num_heads, num_kv_heads,
+                 HEAD_DIM: tl.constexpr):
+    """Columns of (head, d) to q [M, H*D], k or v [M, Hkv*D]: three masked stores with scalar bases
+    (no per-column 64-bit pointer select: a tile may straddle q | k | v for any head count)."""
+    m = row_ok[:, None] & col_ok[None, :]
+    in_k = head >= num_heads
+    in_v = head >= num_heads + num_kv_heads
+    c = head * HEAD_DIM + d  # column in the fused q | k | v
+    kv_stride = num_kv_heads * HEAD_DIM
+    tl.store(q_ptr + rows64[:, None] * (num_heads * HEAD_DIM) + c[None, :], val, mask=m & (~in_k)[None, :])
+    tl.store(k_ptr + rows64[:, None] * kv_stride + (c - num_heads * HEAD_DIM)[None, :], val,
+             mask=m & (in_k & ~in_v)[None, :])
+    tl.store(v_ptr + rows64[:, None] * kv_stride + (c - (num_heads + num_kv_heads) * HEAD_DIM)[None, :], val,
+             mask=m & in_v[None, :])
 
 
 # ----------------------------------------------------------------------------- dW kernel

@@ -24,6 +24,7 @@ import torch
 from . import _modality_linear_kernels as K_
 from ._modality_linear_kernels import _next_pow2, cdiv
 from .modality_linear import TRITON_DTYPES as _TRITON_DTYPES  # one source of truth
+from .modality_linear import stacked_base
 
 __all__ = ["modality_linear_triton", "modality_qkv_triton"]
 
@@ -87,6 +88,38 @@ def _warn_if_slow_path(op: str, **operands) -> None:
         "aligned tensors for full speed. (Warned once per cause.)", stacklevel=3)
 
 
+# ----------------------------------------------------------------------------- stacked weights
+# The stacked-weight kernel (routed_mm_tma_kernel) reads both weights through ONE 3-D TMA descriptor
+# over [2, N, K]; it runs when the two weights ARE that tensor's halves (ModalityLinear allocates
+# them so). Tests and benchmarks set this to False to run the pointer kernel (routed_mm_kernel) on
+# the same inputs.
+USE_STACKED_TMA = True
+
+
+def _tma_capable(device: torch.device, dtype: torch.dtype) -> bool:
+    """sm_90+ in 16-bit dtypes: what the static tier compiled (fp32, a test dtype that cannot use
+    wgmma with exact products, keeps the pointer kernel on a GPU; the interpreter runs it too)."""
+    if K_.INTERPRET:
+        return True
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _tma_qkv_ok(qkv) -> bool:
+    """The stacked kernel's RoPE epilogue holds whole heads per tile: the head dim must be a power
+    of two dividing every config's BLOCK_N (without RoPE any head dim works)."""
+    if qkv is None or qkv[2] is None:
+        return True
+    head_dim = qkv[6]
+    return head_dim >= 2 and head_dim & (head_dim - 1) == 0 and K_.TMA_ROPE_BLOCK_N % head_dim == 0
+
+
+def uses_stacked_kernel(a: torch.Tensor, w_t: torch.Tensor, w_i: torch.Tensor, qkv=None) -> bool:
+    """Whether a GEMM on these operands takes the one-descriptor kernel (tests and docs ask this)."""
+    return (USE_STACKED_TMA and a.dtype == w_t.dtype and _tma_capable(a.device, a.dtype)
+            and stacked_base(w_t, w_i) is not None and _tma_qkv_ok(qkv))
+
+
 # ----------------------------------------------------------------------------- launchers
 def _launch_mm(a, w_t, w_i, b_t, b_i, table, out, *, transpose_b: bool, qkv=None):
     """out = A @ B_mod^T (+ bias); B given as [N_b, K_b] weights read directly or transposed."""
@@ -97,6 +130,8 @@ def _launch_mm(a, w_t, w_i, b_t, b_i, table, out, *, transpose_b: bool, qkv=None
     _warn_if_slow_path("modality_qkv" if qkv is not None else "modality_linear",
                        **({"dy": a} if transpose_b else {"x": a}), weight_text=w_t, weight_image=w_i,
                        out=out if qkv is None else None)
+    if uses_stacked_kernel(a, w_t, w_i, qkv):
+        return _launch_mm_stacked(a, stacked_base(w_t, w_i), b_t, b_i, table, out, transpose_b=transpose_b, qkv=qkv)
     M = a.shape[0]
     if transpose_b:  # dX = dY @ W: the output width is W's column count
         N, Kr = w_t.shape[1], w_t.shape[0]
@@ -140,6 +175,47 @@ def _launch_mm(a, w_t, w_i, b_t, b_i, table, out, *, transpose_b: bool, qkv=None
             int(b_t is not None), int(b_i is not None),
             HEAD_DIM=head_dim, QKV=qkv_mode, ROPE=rope, HAS_BIAS=has_bias, UPCAST=_upcast(a.dtype),
             DOT_PRECISION=_dot_precision(a.dtype), BLOCK_M=K_.TILE_M,
+        )
+
+
+def _launch_mm_stacked(a, w_stack, b_t, b_i, table, out, *, transpose_b: bool, qkv=None):
+    """The one-descriptor kernel: B = w_stack [2, N_w, K_w] behind one 3-D TMA descriptor."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M = a.shape[0]
+    _, n_w, k_w = w_stack.shape
+    N, Kr = (k_w, n_w) if transpose_b else (n_w, k_w)
+    n_slots = K_.slots_for(M)
+    has_bias = b_t is not None or b_i is not None
+    dummy = a
+    # block shape set per config by the autotuner's pre-hook (_set_tma_block)
+    desc = TensorDescriptor(w_stack, list(w_stack.shape), list(w_stack.stride()), [1, 16, 16])
+    if qkv is None:
+        k_out = v_out = out
+        cos = sin = dummy
+        head_dim, num_heads, num_kv_heads, cos_rows, rope, qkv_mode = 1, 1, 1, 1, False, False
+        stride_om = out.stride(0)
+    else:
+        k_out, v_out, cos, sin, num_heads, num_kv_heads, head_dim, cos_rows = qkv
+        rope = cos is not None
+        if not rope:
+            cos = sin = dummy
+            cos_rows = 1
+        qkv_mode = True
+        stride_om = 0
+
+    def grid(meta):  # must match the kernel's n_col_tiles
+        return (n_slots * cdiv(N, meta["BLOCK_N"]),)
+
+    with _on_device(a):
+        K_.routed_mm_tma_kernel[grid](
+            a, desc, b_t if b_t is not None else dummy, b_i if b_i is not None else dummy, table,
+            out, k_out, v_out, cos, sin,
+            M, N, Kr, a.stride(0), stride_om,
+            n_slots, num_heads, num_kv_heads, cos_rows,
+            int(b_t is not None), int(b_i is not None),
+            HEAD_DIM=head_dim, QKV=qkv_mode, ROPE=rope, HAS_BIAS=has_bias, TRANS_B=transpose_b,
+            UPCAST=_upcast(a.dtype), DOT_PRECISION=_dot_precision(a.dtype), BLOCK_M=K_.TILE_M,
         )
 
 

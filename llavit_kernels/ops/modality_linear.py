@@ -35,6 +35,24 @@ LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernels' dtypes (float64: reference)
 
 
+def stacked_base(weight_text: torch.Tensor, weight_image: torch.Tensor) -> Optional[torch.Tensor]:
+    """The ``[2, N, K]`` view of the storage the two weights share when ``weight_image`` starts exactly
+    where ``weight_text`` ends (both contiguous, 16-byte aligned start and rows: a TMA descriptor's
+    rules), else None. Pointer arithmetic only (no sync). ``ModalityLinear`` allocates its weights
+    so; the Triton backend then reads both through one TMA descriptor (docs/modality_linear.md)."""
+    w_t, w_i = weight_text, weight_image
+    if (w_t.dim() != 2 or w_t.shape != w_i.shape or w_t.dtype != w_i.dtype or w_t.device != w_i.device
+            or not w_t.is_contiguous() or not w_i.is_contiguous() or w_t.numel() == 0):
+        return None
+    n, k = w_t.shape
+    el = w_t.element_size()
+    if w_i.data_ptr() - w_t.data_ptr() != n * k * el or w_t.data_ptr() % 16 or (k * el) % 16:
+        return None
+    if w_t.untyped_storage().data_ptr() != w_i.untyped_storage().data_ptr():
+        return None
+    return w_t.as_strided((2, n, k), (n * k, k, 1))
+
+
 def _pick_backend(backend, x, op_name):
     """resolve_backend, except that the automatic choice keeps float64 on the reference and runs
     the per-modality GEMMs (``"grouped"``) on CPU (not under torch.compile: data-dependent shapes)."""
