@@ -28,7 +28,10 @@
 // reduction dimension ("VNNI": Bp[k / 2][n][k % 2]); K^T, V^T, K and V are packed once per call,
 // the query and dO blocks of the backward once per block. P and dS are rounded to bf16 before
 // their products (as in FlashAttention's bf16 backward); the softmax itself stays fp32.
-// LLAVIT_CPP_NO_BRGEMM=1 forces the fp32 path (tests compare both).
+// fp32 blocks (fp32 inputs, fp16 converted) run on oneDNN's fp32 micro-kernel the same way (plain
+// row-major operands, K^T / V^T transposed once per call), 2.5x at::mm_out here. Without either
+// micro-kernel (another CPU, torch.backends.mkldnn off) the products go through at::mm_out.
+// LLAVIT_CPP_NO_BRGEMM=1 forces that at::mm_out path (tests compare all three).
 //
 // Registered as the CPU kernels of llavit::span_attention_cpp_fwd / _bwd, whose schemas, fake
 // kernels and autograd live in llavit_kernels/ops/_span_attention_cpp.py.
@@ -184,7 +187,7 @@ inline void block_range(const int32_t* ks, const int32_t* ke, int64_t m0, int64_
 
 // Per-thread scratch, grown on demand and kept between calls: no allocation per task.
 inline float* scratch(int slot, int64_t n) {
-  thread_local std::vector<float> buffers[3];
+  thread_local std::vector<float> buffers[4];
   std::vector<float>& b = buffers[slot];
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
   return b.data();
@@ -246,6 +249,59 @@ inline void gemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb,
 #else
   TORCH_CHECK(false, "span_attention_cpp: bf16 micro-kernel not available in this torch");
 #endif
+}
+
+// The same for fp32 blocks (oneDNN's fp32 micro-kernel; AVX2 and up): measured 2.5x at::mm_out's rate
+// on this AMD CPU (MKL takes a slower path there), for 64 x 512 x 128 blocks.
+bool brgemm_f32_usable() {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  const char* off = std::getenv("LLAVIT_CPP_NO_BRGEMM");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  static const bool probe = [] {
+    try {
+      const float a[4] = {1.f, 2.f, 3.f, 4.f}, b[4] = {5.f, 6.f, 7.f, 8.f};
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, false);
+      at::native::cpublas::brgemm_release(false);
+      return c[0] == 19.f && c[1] == 22.f && c[2] == 43.f && c[3] == 50.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return probe;
+#else
+  return false;
+#endif
+}
+
+// C[M, N] (+)= A[M, K] @ B[K, N], all row-major fp32 with row strides lda, ldb, ldc.
+inline void gemm_f32(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                     const float* A, const float* B, float* C) {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
+#else
+  TORCH_CHECK(false, "span_attention_cpp: fp32 micro-kernel not available in this torch");
+#endif
+}
+
+inline void release_f32() {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  at::native::cpublas::brgemm_release(false);
+#endif
+}
+
+// dst[j * rows + i] = src[i * ld_src + j]: a rows x cols fp32 block transposed into [cols][rows].
+inline void transpose_f32(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst) {
+  for (int64_t j = 0; j < cols; ++j) {
+    float* o = dst + j * rows;
+    for (int64_t i = 0; i < rows; ++i) o[i] = src[i * ld_src + j];
+  }
+}
+
+// Per (batch, KV head) K^T (or V^T) in fp32: [B, Hkv][D][Tk], the B operand of X @ K^T.
+at::Tensor transpose_kv_f32(const at::Tensor& x4, const Dims& d) {
+  return x4.permute({0, 2, 3, 1}).contiguous();  // [B, Tk, Hkv, D] -> [B, Hkv, D, Tk]
 }
 
 inline void release_bf16() {
@@ -335,6 +391,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   const bool mm16 = q.scalar_type() == at::kBFloat16 && d.D % 2 == 0 && brgemm_bf16_usable();
   const at::Tensor q4 = (q.dim() == 3 ? q.unsqueeze(0) : q).contiguous();
   const at::Tensor kf = mm16 ? at::Tensor() : as_f32(k), vf = mm16 ? at::Tensor() : as_f32(v);
+  // fp32 block products on oneDNN's micro-kernel (fp32 inputs, and fp16 / bf16 converted per block):
+  // K^T transposed once; V and the query block read in place
+  const bool mm32 = !mm16 && brgemm_f32_usable();
+  const at::Tensor kt32 = mm32 ? transpose_kv_f32(kf, d) : at::Tensor();
+  const float* Kt32 = mm32 ? kt32.data_ptr<float>() : nullptr;
   const at::Tensor kt16 = mm16 ? pack_kv((k.dim() == 3 ? k.unsqueeze(0) : k).contiguous(), d, true) : at::Tensor();
   const at::Tensor v16 = mm16 ? pack_kv((v.dim() == 3 ? v.unsqueeze(0) : v).contiguous(), d, false) : at::Tensor();
   const bf16* Kt16 = mm16 ? kt16.data_ptr<bf16>() : nullptr;
@@ -412,6 +473,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
       const int64_t nc = std::min(kBlockN, hi - c0);
       if (mm16) {
         gemm_bf16(mr, nc, D, ldq, Tk, nc, false, Q16, Kt16b + 2 * c0, sbuf);
+      } else if (mm32) {
+        const float* Qa = Qv.data_ptr<float>();  // fp32: the input block (row stride ldq); half: converted, D
+        gemm_f32(mr, nc, D, Qv.stride(0), Tk, nc, false, Qa, Kt32 + (b * Hkv + hk) * D * Tk + c0, sbuf);
       } else {
         at::Tensor S = view2d(sbuf, mr, nc, nc);
         at::mm_out(S, Qv, view2d(K + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk).t());
@@ -441,6 +505,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
         const int64_t nce = round_even(nc);  // the reduction over keys, rounded up to whole pairs
         to_bf16(sbuf, mr, nc, nc, p16, nce);
         gemm_bf16(mr, D, nce, nce, D, D, true, p16, V16b + c0 * D, acc);
+      } else if (mm32) {
+        gemm_f32(mr, D, nc, nc, ldk, D, true, sbuf, V + ((b * Tk + c0) * Hkv + hk) * D, acc);
       } else {
         Acc.addmm_(view2d(sbuf, mr, nc, nc), view2d(V + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk));
       }
@@ -459,7 +525,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
       }
     }
     if (half) at::from_blob(Oraw + off * esize, {mr, D}, {ldq, 1}, half_opts).copy_(Acc);
-  }, [&] { if (mm16) release_bf16(); });
+  }, [&] {
+    if (mm16) release_bf16();
+    if (mm32) release_f32();
+  });
 
   at::Tensor out = out4;
   if (d.packed) {
@@ -493,6 +562,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
   const at::Tensor kt16 = mm16 ? pack_kv(k4, d, true) : at::Tensor();
   const at::Tensor vt16 = mm16 ? pack_kv(v4, d, true) : at::Tensor();
   const at::Tensor k16 = mm16 ? pack_kv(k4, d, false) : at::Tensor();
+  // fp32 block products on oneDNN's micro-kernel: K^T and V^T transposed once; q, dO, K read in place
+  const bool mm32 = !mm16 && brgemm_f32_usable();
+  const at::Tensor kt32 = mm32 ? transpose_kv_f32(kf, d) : at::Tensor();
+  const at::Tensor vt32 = mm32 ? transpose_kv_f32(vf, d) : at::Tensor();
   const int64_t Tk_even = round_even(Tk);
   const at::Tensor lf = lse.to(at::kFloat).contiguous();
   // delta[b, h, i] = <dO_i, O_i> - dlse_i   (dS = P * (dP - delta)), in fp32
@@ -513,6 +586,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
   const bf16* Kt16 = mm16 ? kt16.data_ptr<bf16>() : nullptr;
   const bf16* Vt16 = mm16 ? vt16.data_ptr<bf16>() : nullptr;
   const bf16* K16 = mm16 ? k16.data_ptr<bf16>() : nullptr;
+  const float* Kt32 = mm32 ? kt32.data_ptr<float>() : nullptr;
+  const float* Vt32 = mm32 ? vt32.data_ptr<float>() : nullptr;
   const float* LSE = lf.data_ptr<float>();
   const float* DEL = delta.data_ptr<float>();
   float* dQ = dqf.data_ptr<float>();
@@ -544,6 +619,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
     const bf16* Kt16b = mm16 ? Kt16 + (b * Hkv + hk) * D * Tk : nullptr;
     const bf16* Vt16b = mm16 ? Vt16 + (b * Hkv + hk) * D * Tk : nullptr;
     const bf16* K16b = mm16 ? K16 + (b * Hkv + hk) * Tk_even * D : nullptr;
+    float* ptbuf = mm32 ? scratch(3, kBlockN * kBlockM) : nullptr;  // P^T / dS^T, [nc][mr]
+    const float* Kt32b = mm32 ? Kt32 + (b * Hkv + hk) * D * Tk : nullptr;
+    const float* Vt32b = mm32 ? Vt32 + (b * Hkv + hk) * D * Tk : nullptr;
     for (int64_t qb = 0; qb < nqb; ++qb) {
       const int64_t m0 = qb * kBlockM, m1 = std::min(Tq, m0 + kBlockM), mr = m1 - m0;
       int64_t lo, hi;
@@ -569,6 +647,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
         const int64_t nce = round_even(nc);
         if (mm16) {
           gemm_bf16(mr, nc, D, ldq, Tk, nc, false, Q16 + off, Kt16b + 2 * c0, pbuf);
+        } else if (mm32) {
+          gemm_f32(mr, nc, D, ldq, Tk, nc, false, Q + off, Kt32b + c0, pbuf);
         } else {
           at::Tensor P = view2d(pbuf, mr, nc, nc);
           at::mm_out(P, Qv, view2d(K + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk).t());
@@ -590,6 +670,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
           to_bf16_t(pbuf, mr, nc, nc, pt16, mre);
           gemm_bf16(nc, D, mre, mre, D, D, true, pt16, qdo16 + mre * D, dVb + c0 * D);  // dV += P^T dO
           gemm_bf16(mr, nc, D, ldq, Tk, nc, false, dO16 + off, Vt16b + 2 * c0, dpbuf);  // dP = dO V^T
+        } else if (mm32) {
+          transpose_f32(pbuf, mr, nc, nc, ptbuf);
+          gemm_f32(nc, D, mr, mr, ldq, D, true, ptbuf, dO + off, dVb + c0 * D);  // dV += P^T dO
+          gemm_f32(mr, nc, D, ldq, Tk, nc, false, dO + off, Vt32b + c0, dpbuf);  // dP = dO V^T
         } else {
           const at::Tensor Vc = view2d(V + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
           view2d(dVb + c0 * D, nc, D, D).addmm_(view2d(pbuf, mr, nc, nc).t(), dOv);
@@ -607,6 +691,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
           gemm_bf16(mr, D, nce, nce, D, D, true, ds16, K16b + c0 * D, dqacc);  // dQ += dS K
           to_bf16_t(dpbuf, mr, nc, nc, pt16, mre);
           gemm_bf16(nc, D, mre, mre, D, D, true, pt16, qdo16, dKb + c0 * D);  // dK += dS^T Q
+        } else if (mm32) {
+          gemm_f32(mr, D, nc, nc, ldk, D, true, dpbuf, K + ((b * Tk + c0) * Hkv + hk) * D, dqacc);  // dQ += dS K
+          transpose_f32(dpbuf, mr, nc, nc, ptbuf);
+          gemm_f32(nc, D, mr, mr, ldq, D, true, ptbuf, Q + off, dKb + c0 * D);  // dK += dS^T Q
         } else {
           const at::Tensor Kc = view2d(K + ((b * Tk + c0) * Hkv + hk) * D, nc, D, ldk);
           const at::Tensor dS = view2d(dpbuf, mr, nc, nc);
@@ -620,7 +708,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
         for (int64_t j = 0; j < D; ++j) row[j] = ar[j] * scale;
       }
     }
-  }, [&] { if (mm16) release_bf16(); });
+  }, [&] {
+    if (mm16) release_bf16();
+    if (mm32) release_f32();
+  });
 
   // Sum the query heads of each KV group in a fixed order; back to [B, Tk, Hkv, D].
   at::Tensor dk = dkh.view({B, Hkv, G, Tk, D}).sum(2).mul_(scale).permute({0, 2, 1, 3});
@@ -641,8 +732,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
 // Whether bf16 inputs get bf16 block products here (else they are converted to fp32): the CPU default
 // (ops/span_attention.py) picks this kernel for bf16 training only where they do.
 bool bf16_block_products() { return brgemm_bf16_usable(); }
+bool f32_block_products() { return brgemm_f32_usable(); }
 
-TORCH_LIBRARY_FRAGMENT(llavit_cpp, m) { m.def("bf16_block_products() -> bool", &bf16_block_products); }
+TORCH_LIBRARY_FRAGMENT(llavit_cpp, m) {
+  m.def("bf16_block_products() -> bool", &bf16_block_products);
+  m.def("f32_block_products() -> bool", &f32_block_products);
+}
 
 TORCH_LIBRARY_IMPL(llavit, CPU, m) {
   m.impl("span_attention_cpp_fwd", &fwd_cpu);

@@ -255,31 +255,36 @@ def _avx512_cpu() -> bool:
     return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= C._cpu_flags()
 
 
-def test_bf16_block_products_engage_where_the_cpu_has_them(monkeypatch):
-    """oneDNN's bf16 micro-kernel needs AVX-512 (and oneDNN on); LLAVIT_CPP_NO_BRGEMM=1 turns it off."""
+def test_micro_kernels_engage_where_the_cpu_has_them(monkeypatch):
+    """oneDNN's bf16 micro-kernel needs AVX-512, its fp32 one AVX2 (and oneDNN on);
+    LLAVIT_CPP_NO_BRGEMM=1 turns both off."""
     monkeypatch.delenv("LLAVIT_CPP_NO_BRGEMM", raising=False)
-    assert C.bf16_block_products() == (_avx512_cpu() and torch.backends.mkldnn.is_available()
-                                       and torch.backends.mkldnn.enabled)
+    onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    assert C.bf16_block_products() == (_avx512_cpu() and onednn)
+    assert C.f32_block_products() == ({"avx2", "fma"} <= C._cpu_flags() and onednn)
     monkeypatch.setenv("LLAVIT_CPP_NO_BRGEMM", "1")
-    assert not C.bf16_block_products()
+    assert not C.bf16_block_products() and not C.f32_block_products()
     monkeypatch.delenv("LLAVIT_CPP_NO_BRGEMM")
     with torch.backends.mkldnn.flags(enabled=False):
-        assert not C.bf16_block_products()
+        assert not C.bf16_block_products() and not C.f32_block_products()
 
 
-@pytest.mark.parametrize("products", ["bf16", "fp32"])
+@pytest.mark.parametrize("dtype,products", [(torch.bfloat16, "micro-kernel"), (torch.bfloat16, "mm"),
+                                            (torch.float32, "micro-kernel"), (torch.float32, "mm")])
 @pytest.mark.parametrize("case", ["odd_offsets", "long_chunks", "query_chunk", "packed"])
-def test_bf16_both_product_paths(monkeypatch, products, case):
-    """bf16 inputs through the bf16 block products (pair-packed K/V, P and dS rounded to bf16) and
-    through the fp32 conversion, each against the float64 oracle: odd block sizes, chunks starting at
-    odd keys (rounded down to a pair), several 512-key chunks, a query chunk, packed documents."""
-    if products == "bf16":
+def test_both_product_paths(monkeypatch, dtype, products, case):
+    """Block products on oneDNN's micro-kernels (bf16: pair-packed K/V, P and dS rounded to bf16;
+    fp32: K^T / V^T transposed) and through at::mm_out (bf16 converted to fp32), each against the
+    float64 oracle: odd block sizes, chunks starting at odd keys (rounded down to a pair in bf16),
+    several 512-key chunks, a query chunk, packed documents."""
+    native = C.bf16_block_products if dtype == torch.bfloat16 else C.f32_block_products
+    if products == "micro-kernel":
         monkeypatch.delenv("LLAVIT_CPP_NO_BRGEMM", raising=False)
-        if not C.bf16_block_products():
-            pytest.skip("no bf16 block products on this CPU (needs AVX-512 and oneDNN)")
+        if not native():
+            pytest.skip(f"no {dtype} micro-kernel on this CPU (oneDNN; bf16 needs AVX-512, fp32 AVX2)")
     else:
         monkeypatch.setenv("LLAVIT_CPP_NO_BRGEMM", "1")
-        assert not C.bf16_block_products()
+        assert not native()
     rng = random.Random(hash(case) % 1000)
     if case == "odd_offsets":  # left padding of 37 and 1 tokens: every key range starts at an odd key
         img = torch.zeros(2, 133, dtype=torch.bool)
@@ -298,7 +303,7 @@ def test_bf16_both_product_paths(monkeypatch, products, case):
         layout, mask = padded_case(rng, batch=2, length=71, past_length=555, pad="right")
     else:
         layout, mask = packed_case(rng, [131, 1, 260, 17])
-    check(layout, mask, *make_qkv(layout, heads=4, kv_heads=2, head_dim=64, dtype=torch.bfloat16))
+    check(layout, mask, *make_qkv(layout, heads=4, kv_heads=2, head_dim=64, dtype=dtype))
 
 
 def test_strided_inputs():

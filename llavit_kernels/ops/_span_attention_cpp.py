@@ -39,6 +39,7 @@ __all__ = [
     "bf16_block_products",
     "cpp_available",
     "cpp_unavailable_reason",
+    "f32_block_products",
     "load_extension",
     "span_attention_cpp",
     "span_attention_cpp_with_lse",
@@ -184,6 +185,12 @@ def bf16_block_products() -> bool:
         return _state.get("bf16_block_products", False)
     _state["bf16_block_products"] = bool(torch.ops.llavit_cpp.bf16_block_products())
     return _state["bf16_block_products"]
+
+
+def f32_block_products() -> bool:
+    """Whether fp32 blocks (fp32 inputs, fp16 converted) run on oneDNN's fp32 micro-kernel (AVX2 and
+    up) rather than ``at::mm_out``; not with ``LLAVIT_CPP_NO_BRGEMM=1`` or oneDNN off."""
+    return load_extension() and bool(torch.ops.llavit_cpp.f32_block_products())
 
 
 def cpp_unavailable_reason() -> Optional[str]:
