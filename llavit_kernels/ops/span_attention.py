@@ -90,13 +90,12 @@ def _warn_fallback(q: torch.Tensor) -> None:
 # backend=None on CPU: (dtype, gradients needed) -> "cpp" (csrc/, when it builds) or "composed". The one
 # place this choice is made, from same-run comparisons (batch 1, two 576-token images, 1 thread, time /
 # causal SDPA; bench/results/cpu-20261202/):
-# * cpu-default-choice*: fp32 cpp 1.01-1.08x vs composed 1.06-1.31x (7B T=2048 fwd+bwd: 0.54x vs 1.06x);
-#   fp16 cpp 0.68x fwd / 0.14x fwd+bwd vs composed 0.83x / 0.17x.
-# * cpu-default-bf16*: bf16 where the C++ kernel multiplies bf16 blocks natively (AVX-512, oneDNN's
-#   micro-kernel): cpp is the fastest forward and forward+backward.
-# CPU_DEFAULT_BF16_CONVERTED replaces entries where it converts bf16 blocks to fp32 (no AVX-512): there
-# cpu-default-choice measured bf16 forward cpp 1.01-1.32x vs composed 1.14-1.41x, but fwd+bwd composed
-# 1.12-1.51x vs cpp 1.32-1.83x, with 3-4x less memory for composed.
+# * final_0.5B / final_7B (the C++ block products on oneDNN's micro-kernels, T 1024-8192): cpp
+#   0.49-0.67x in fp32 and 0.28-0.64x in bf16, forward and forward+backward, vs composed 1.01-1.30x.
+# * cpu-default-choice* (before that, cpp on at::mm_out): fp16 cpp 0.68x fwd / 0.14x fwd+bwd vs composed
+#   0.83x / 0.17x; bf16 forward cpp 1.01-1.32x vs composed 1.14-1.41x, but bf16 fwd+bwd composed
+#   1.12-1.51x vs cpp 1.32-1.83x, with 3-4x less memory for composed. That is still the C++ kernel's
+#   bf16 path where the bf16 micro-kernel does not run (no AVX-512), hence CPU_DEFAULT_BF16_CONVERTED.
 CPU_DEFAULT = {
     (torch.float32, False): "cpp", (torch.float32, True): "cpp",
     (torch.float16, False): "cpp", (torch.float16, True): "cpp",
