@@ -156,7 +156,8 @@ def measure_memory(records) -> None:
 
 
 def plot_ratios(records, path) -> None:
-    """Bars of cpp / sdpa_causal time per (model, T, dtype, mode); lines at the 1.1 / 1.2 targets."""
+    """Grouped bars of each provider's time / sdpa_causal per (model, T, dtype, mode); lines at 1.0 and
+    at the 1.1 / 1.2 targets (C++ kernel forward / forward+backward; composed's are 1.2 / 1.3)."""
     try:
         import matplotlib
 
@@ -164,23 +165,27 @@ def plot_ratios(records, path) -> None:
         import matplotlib.pyplot as plt
     except Exception:
         return
-    base = {(r["shape"]["model"], r["shape"]["T"], r["dtype"], r["mode"]): r["ms"]
-            for r in records if r["provider"] == "sdpa_causal" and r["ms"]}
-    rows = [((r["shape"]["model"], r["shape"]["T"], r["dtype"], r["mode"]), r["ms"]) for r in records
-            if r["provider"] == "cpp" and r["ms"]]
-    rows = [(key, ms / base[key]) for key, ms in rows if key in base]
-    if not rows:
+    key_of = lambda r: (r["shape"]["model"], r["shape"]["T"], r["dtype"], r["mode"])  # noqa: E731
+    base = {key_of(r): r["ms"] for r in records if r["provider"] == "sdpa_causal" and r["ms"]}
+    keys = list(dict.fromkeys(key_of(r) for r in records if key_of(r) in base))
+    providers = list(dict.fromkeys(r["provider"] for r in records if r["provider"] != "sdpa_causal"))
+    if not keys or not providers:
         return
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows)), 4.5))
-    colors = {"fwd": "tab:blue", "fwd+bwd": "tab:orange"}
-    ax.bar(range(len(rows)), [v for _, v in rows], color=[colors.get(k[3], "gray") for k, _ in rows])
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([f"{m} T{t}\n{d} {mode}" for (m, t, d, mode), _ in rows], fontsize=6, rotation=90)
+    ratio = {(key_of(r), r["provider"]): r["ms"] / base[key_of(r)] for r in records
+             if r["provider"] != "sdpa_causal" and r["ms"] and key_of(r) in base}
+    width = 0.8 / len(providers)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(keys) * len(providers)), 4.5))
+    for i, provider in enumerate(providers):
+        xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(keys))]
+        ax.bar(xs, [ratio.get((k, provider), 0.0) for k in keys], width, label=provider)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{m} T{t}\n{d} {mode}" for m, t, d, mode in keys], fontsize=6, rotation=90)
     for y, style in ((1.0, "-"), (1.1, "--"), (1.2, ":")):
         ax.axhline(y, color="black", linestyle=style, linewidth=0.8)
-    ax.set_ylabel("time cpp / SDPA causal (lower is better)")
+    ax.set_ylabel("time / SDPA causal (lower is better)")
+    ax.legend(fontsize=7)
     threads = records[0].get("threads")
-    ax.set_title(f"span attention, C++ CPU kernel vs causal SDPA ({records[0]['device']}, {threads} thread(s))", fontsize=9)
+    ax.set_title(f"span attention on CPU vs causal SDPA ({records[0]['device']}, {threads} thread(s))", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
