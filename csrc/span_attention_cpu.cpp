@@ -18,8 +18,10 @@
 // Backward (deterministic, no atomics): one task per (batch, query head) walks its query blocks once
 // (5 block products per chunk, exps computed once), owns its dQ rows, and accumulates dK/dV of that
 // head in an fp32 buffer [B, H, Tk, D]; the query heads of a KV group are summed in a fixed order
-// at the end. It takes the output and log-sum-exp from outside (the composed path passes the
-// merged ones) and an optional gradient of the log-sum-exp.
+// at the end. When (batch, KV head) tasks alone keep every thread busy, one task per KV head runs its
+// group's query heads in turn into one [B, Hkv, Tk, D] buffer instead (G x less memory). It takes
+// the output and log-sum-exp from outside (the composed path passes the merged ones) and an optional
+// gradient of the log-sum-exp.
 //
 // bfloat16 with an even head dim, where oneDNN's bf16 micro-kernel runs (at::native::cpublas::brgemm,
 // exported by libtorch; it needs AVX-512, and uses AVX512-BF16 / AMX when present): every block
@@ -574,8 +576,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
     delta.sub_(grad_lse->to(at::kFloat).reshape({B, H, Tq}));
   const at::Tensor ks_t = kv_start.contiguous(), ke_t = kv_end.contiguous();
   at::Tensor dqf = new_buffer({B, Tq, H, D}, q.options().dtype(at::kFloat));
-  at::Tensor dkh = at::zeros({B, H, Tk, D}, q.options().dtype(at::kFloat));  // per query head
-  at::Tensor dvh = at::zeros({B, H, Tk, D}, q.options().dtype(at::kFloat));
+  // dK / dV accumulate in fp32 per KV head when the (batch, KV head) tasks alone keep every thread
+  // busy (the G query heads of a group then run one after another in one task: G x less accumulator
+  // memory), else per query head, summed over each group at the end. Either order is fixed.
+  const bool per_kv = G > 1 && B * Hkv >= at::get_num_threads();
+  const int64_t A = per_kv ? Hkv : H;  // accumulator heads
+  at::Tensor dkh = at::zeros({B, A, Tk, D}, q.options().dtype(at::kFloat));
+  at::Tensor dvh = at::zeros({B, A, Tk, D}, q.options().dtype(at::kFloat));
 
   const float* Q = mm16 ? nullptr : qf.data_ptr<float>();
   const float* K = mm16 ? nullptr : kf.data_ptr<float>();
@@ -598,17 +605,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
   const float scale = static_cast<float>(softmax_scale);
   const int64_t nqb = (Tq + kBlockM - 1) / kBlockM;
 
-  std::vector<int64_t> order(B * H);
+  std::vector<int64_t> order(B * A);
   std::iota(order.begin(), order.end(), 0);
   run_tasks(order, [&](int64_t task) {
-    const int64_t b = task / H, h = task % H, hk = h / G;
+   const int64_t b = task / A, a = task % A;
+   for (int64_t h = per_kv ? a * G : a; h < (per_kv ? (a + 1) * G : a + 1); ++h) {
+    const int64_t hk = h / G;
     const int32_t* ks = KS + b * Tq;
     const int32_t* ke = KE + b * Tq;
     const float* lrow = LSE + (b * H + h) * Tq;
     const float* drow = DEL + (b * H + h) * Tq;
     const int64_t ldq = H * D, ldk = Hkv * D;
-    float* dKb = dKh + (b * H + h) * Tk * D;
-    float* dVb = dVh + (b * H + h) * Tk * D;
+    float* dKb = dKh + (b * A + a) * Tk * D;
+    float* dVb = dVh + (b * A + a) * Tk * D;
     float* pbuf = scratch(0, kBlockM * kBlockN);
     float* dpbuf = scratch(1, kBlockM * kBlockN);
     float* dqacc = scratch(2, kBlockM * D);
@@ -708,14 +717,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
         for (int64_t j = 0; j < D; ++j) row[j] = ar[j] * scale;
       }
     }
+   }
   }, [&] {
     if (mm16) release_bf16();
     if (mm32) release_f32();
   });
 
-  // Sum the query heads of each KV group in a fixed order; back to [B, Tk, Hkv, D].
-  at::Tensor dk = dkh.view({B, Hkv, G, Tk, D}).sum(2).mul_(scale).permute({0, 2, 1, 3});
-  at::Tensor dv = dvh.view({B, Hkv, G, Tk, D}).sum(2).permute({0, 2, 1, 3});
+  // Per query head: sum the heads of each KV group in a fixed order; back to [B, Tk, Hkv, D].
+  at::Tensor dk = per_kv ? dkh.mul_(scale).permute({0, 2, 1, 3})
+                         : dkh.view({B, Hkv, G, Tk, D}).sum(2).mul_(scale).permute({0, 2, 1, 3});
+  at::Tensor dv = per_kv ? dvh.permute({0, 2, 1, 3}) : dvh.view({B, Hkv, G, Tk, D}).sum(2).permute({0, 2, 1, 3});
   at::Tensor dq = dqf.to(q.scalar_type());
   dk = dk.to(k.scalar_type()).contiguous();
   dv = dv.to(v.scalar_type()).contiguous();

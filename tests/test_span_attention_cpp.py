@@ -306,6 +306,21 @@ def test_both_product_paths(monkeypatch, dtype, products, case):
     check(layout, mask, *make_qkv(layout, heads=4, kv_heads=2, head_dim=64, dtype=dtype))
 
 
+@pytest.mark.parametrize("threads", [1, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_accumulator_per_kv_head_and_per_query_head(threads, dtype):
+    """GQA, batch 2 x 2 KV heads: with 1 thread the backward accumulates dK/dV per KV head (the group's
+    query heads in turn), with 8 threads (more than the 4 KV-head tasks) per query head, summed at
+    the end; both against the float64 oracle."""
+    layout, mask = padded_case(random.Random(41), batch=2, length=150, pad="left")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check(layout, mask, *make_qkv(layout, heads=6, kv_heads=2, head_dim=64, dtype=dtype))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_strided_inputs():
     # q, k, v as head slices of one fused tensor, a transposed grad_out.
     layout, mask = padded_case(random.Random(31), batch=2, length=70, pad="left")
