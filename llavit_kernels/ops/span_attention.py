@@ -91,7 +91,7 @@ def _warn_fallback(q: torch.Tensor) -> None:
 # place this choice is made, from same-run comparisons (batch 1, two 576-token images, 1 thread, time /
 # causal SDPA; bench/results/cpu-20261202/):
 # * final_0.5B / final_7B (the C++ block products on oneDNN's micro-kernels, T 1024-8192): cpp
-#   0.49-0.67x in fp32 and 0.28-0.64x in bf16, forward and forward+backward, vs composed 1.01-1.30x.
+#   0.48-0.61x in fp32 and 0.28-0.62x in bf16, forward and forward+backward, vs composed 1.01-1.22x.
 # * cpu-default-choice* (before that, cpp on at::mm_out): fp16 cpp 0.68x fwd / 0.14x fwd+bwd vs composed
 #   0.83x / 0.17x; bf16 forward cpp 1.01-1.32x vs composed 1.14-1.41x, but bf16 fwd+bwd composed
 #   1.12-1.51x vs cpp 1.32-1.83x, with 3-4x less memory for composed. That is still the C++ kernel's
