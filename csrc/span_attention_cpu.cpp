@@ -216,26 +216,38 @@ void run_tasks(const std::vector<int64_t>& order, const F& fn, const G& at_end) 
 // ----------------------------------------------------------------------------- bf16 block products
 using bf16 = at::BFloat16;
 
-// Whether the bf16 micro-kernel runs here: the header declares it, the user has not turned oneDNN
-// off (torch.backends.mkldnn), LLAVIT_CPP_NO_BRGEMM is not set, and a 2 x 2 probe gives the right
-// answer (it throws where the CPU lacks the ISA; probed once per process).
-bool brgemm_bf16_usable() {
-#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+// oneDNN's micro-kernels may be used: LLAVIT_CPP_NO_BRGEMM is not set and the user has not turned
+// oneDNN off (torch.backends.mkldnn); read on every call, so tests can switch paths.
+bool micro_kernels_allowed() {
   const char* off = std::getenv("LLAVIT_CPP_NO_BRGEMM");
   if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
-  if (!at::globalContext().userEnabledMkldnn()) return false;
+  return at::globalContext().userEnabledMkldnn();
+}
+
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) || defined(CPUBLAS_BRGEMM_F32F32F32)
+// Whether brgemm multiplies A = [[1, 2], [3, 4]] by B = [[5, 6], [7, 8]] right (b holds B in the
+// operand layout the call expects): it throws where the CPU lacks the ISA. Called once per dtype.
+template <typename T>
+bool brgemm_probe(const T* a, const T* b, bool vnni) {
+  try {
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, vnni);
+    at::native::cpublas::brgemm_release(vnni);
+    return c[0] == 19.f && c[1] == 22.f && c[2] == 43.f && c[3] == 50.f;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+#endif
+
+// Whether the bf16 micro-kernel runs here (the header declares it, it is allowed, and the probe passes).
+bool brgemm_bf16_usable() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  if (!micro_kernels_allowed()) return false;
   static const bool probe = [] {
-    try {
-      // A = [[1, 2], [3, 4]], B = [[5, 6], [7, 8]] packed as Bp[0][n][k] = B[k][n]
-      const bf16 a[4] = {bf16(1.f), bf16(2.f), bf16(3.f), bf16(4.f)};
-      const bf16 bp[4] = {bf16(5.f), bf16(7.f), bf16(6.f), bf16(8.f)};
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, bp, c, true);
-      at::native::cpublas::brgemm_release(true);
-      return c[0] == 19.f && c[1] == 22.f && c[2] == 43.f && c[3] == 50.f;
-    } catch (const std::exception&) {
-      return false;
-    }
+    const bf16 a[4] = {bf16(1.f), bf16(2.f), bf16(3.f), bf16(4.f)};
+    const bf16 bp[4] = {bf16(5.f), bf16(7.f), bf16(6.f), bf16(8.f)};  // pair-interleaved: Bp[0][n][k] = B[k][n]
+    return brgemm_probe(a, bp, true);
   }();
   return probe;
 #else
@@ -257,19 +269,10 @@ inline void gemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb,
 // on this AMD CPU (MKL takes a slower path there), for 64 x 512 x 128 blocks.
 bool brgemm_f32_usable() {
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
-  const char* off = std::getenv("LLAVIT_CPP_NO_BRGEMM");
-  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
-  if (!at::globalContext().userEnabledMkldnn()) return false;
+  if (!micro_kernels_allowed()) return false;
   static const bool probe = [] {
-    try {
-      const float a[4] = {1.f, 2.f, 3.f, 4.f}, b[4] = {5.f, 6.f, 7.f, 8.f};
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, false);
-      at::native::cpublas::brgemm_release(false);
-      return c[0] == 19.f && c[1] == 22.f && c[2] == 43.f && c[3] == 50.f;
-    } catch (const std::exception&) {
-      return false;
-    }
+    const float a[4] = {1.f, 2.f, 3.f, 4.f}, b[4] = {5.f, 6.f, 7.f, 8.f};  // row-major B
+    return brgemm_probe(a, b, false);
   }();
   return probe;
 #else
