@@ -266,7 +266,7 @@ inline void gemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb,
 }
 
 // The same for fp32 blocks (oneDNN's fp32 micro-kernel; AVX2 and up): measured 2.5x at::mm_out's rate
-// on this AMD CPU (MKL takes a slower path there), for 64 x 512 x 128 blocks.
+// on this AMD CPU (at::mm_out goes to the MKL of the PyPI wheel), for 64 x 512 x 128 blocks.
 bool brgemm_f32_usable() {
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
   if (!micro_kernels_allowed()) return false;
